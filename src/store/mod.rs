@@ -1,0 +1,207 @@
+//! The storage contract every backend implements, and the backends that ship with the crate.
+//!
+//! The services ([`StockService`](crate::StockService), [`OrderService`](crate::OrderService))
+//! hold every business rule; a store only stores, loads and locks. A new backend implements
+//! [`StockStore`], [`StockRead`] and [`StockTx`] and runs the conformance suite (feature
+//! `conformance`) against itself.
+
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+
+use crate::error::{Error, Result};
+use crate::model::{NewOrder, Order, OrderId, Payment, Product, ProductId, StockLevels};
+
+pub mod memory;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+
+/// A write unit: the work of one transaction, run by the store.
+///
+/// The store may run it on another thread (a writer thread batching several units into one
+/// commit) and may run it more than once (a PostgreSQL transaction retried after a
+/// serialization failure), so it is `FnMut + Send + 'static` and must not keep side effects
+/// of a run that was rolled back.
+pub type WriteUnit = Box<dyn FnMut(&mut dyn StockTx) -> Result<()> + Send + 'static>;
+
+/// A read unit: the work of one read-only snapshot, run on the calling thread.
+pub type ReadUnit<'a> = &'a mut dyn FnMut(&mut dyn StockRead) -> Result<()>;
+
+/// A storage backend: runs read units and write units, each in one transaction.
+///
+/// # Contract
+///
+/// - **Atomic units.** [`write`](StockStore::write) runs the unit in one transaction. If the
+///   unit returns `Ok`, everything it wrote is committed together (and durable as the
+///   backend's configuration promises) before `write` returns `Ok`. If the unit returns
+///   `Err`, or the commit fails, nothing it wrote is visible to anyone, ever, and `write`
+///   returns that error unchanged (a unit's refusal such as
+///   [`Error::InsufficientStock`] must come back as it was, never wrapped).
+/// - **Isolation.** Write units are serializable with each other: a unit sees every unit
+///   committed before it and none committed after. A backend that runs units concurrently
+///   (PostgreSQL) locks each stock row, order and payment a unit loads through
+///   [`StockTx`] until the unit ends; the services load several stock rows in ascending
+///   (product id, size) order, so a backend that locks in load order never deadlocks on
+///   them. [`read`](StockStore::read) sees one consistent committed snapshot.
+/// - **Retries.** A backend may run a unit again after a transient failure of its own
+///   (serialization failure, deadlock, busy database), a bounded number of times; the unit
+///   is written to be re-run. Busy or locked conditions are never surfaced to a caller
+///   while a retry or wait can resolve them.
+/// - **Missing rows.** Loads return `Ok(None)` (or an empty list) for a missing row; the
+///   service turns that into the right refusal. Updates of a row that does not exist are
+///   a storage error ([`Error::Storage`]): the services always load before they update.
+/// - **Storage errors** are [`Error::Storage`] with the backend's name and its error as
+///   source.
+/// - **Sizes.** `None` is the product-wide stock row of a product without sizes; a
+///   backend may store it as an empty label, which the services never accept as a size.
+///
+/// The trait is object safe; the services hold an `Arc<dyn StockStore>`.
+pub trait StockStore: Send + Sync + Debug + 'static {
+    /// The backend's short name (`memory`, `sqlite`, `postgres`), used in errors and logs.
+    fn backend(&self) -> &'static str;
+
+    /// Runs `unit` in one write transaction. See the [contract](StockStore#contract).
+    ///
+    /// # Errors
+    ///
+    /// The unit's own error, unchanged, or [`Error::Storage`] when the transaction could
+    /// not begin or commit.
+    fn write(&self, unit: WriteUnit) -> Result<()>;
+
+    /// Runs `unit` on one consistent read-only snapshot.
+    ///
+    /// # Errors
+    ///
+    /// The unit's own error, or [`Error::Storage`].
+    fn read(&self, unit: ReadUnit<'_>) -> Result<()>;
+}
+
+/// The loads a unit can make. In a write unit ([`StockTx`]), every row loaded is locked
+/// until the unit ends.
+pub trait StockRead {
+    /// The product with this id.
+    fn product(&mut self, id: ProductId) -> Result<Option<Product>>;
+
+    /// The counters of one stock row: `size` is `None` for a product without sizes.
+    fn stock(&mut self, product: ProductId, size: Option<&str>) -> Result<Option<StockLevels>>;
+
+    /// Every stock row of a product, ordered by size (the product-wide row of a product
+    /// without sizes has size `None`).
+    fn product_stock(&mut self, product: ProductId) -> Result<Vec<(Option<String>, StockLevels)>>;
+
+    /// The order with this id.
+    fn order(&mut self, id: OrderId) -> Result<Option<Order>>;
+
+    /// The payment with this hash (its key included).
+    fn payment(&mut self, hash: &str) -> Result<Option<Payment>>;
+
+    /// The orders of a payment, by ascending id.
+    fn payment_orders(&mut self, hash: &str) -> Result<Vec<Order>>;
+
+    /// Up to `limit` orders with status `under_paying` whose `payment_expires_at` is
+    /// before `now`, ordered by `(payment_expires_at, id)` and strictly after `after` in
+    /// that order. In a write unit a backend that runs units concurrently skips orders
+    /// another unit has locked, and locks those it returns.
+    fn expired_orders(
+        &mut self,
+        now: DateTime<Utc>,
+        after: Option<(DateTime<Utc>, OrderId)>,
+        limit: usize,
+    ) -> Result<Vec<Order>>;
+}
+
+/// The writes a write unit can make, on top of the loads of [`StockRead`].
+pub trait StockTx: StockRead {
+    /// Inserts a product. Returns `false`, writing nothing, if its id exists already.
+    fn insert_product(&mut self, product: &Product) -> Result<bool>;
+
+    /// Inserts a stock row. Returns `false`, writing nothing, if the row exists already.
+    fn insert_stock(
+        &mut self,
+        product: ProductId,
+        size: Option<&str>,
+        levels: StockLevels,
+    ) -> Result<bool>;
+
+    /// Overwrites the counters of an existing stock row.
+    fn update_stock(
+        &mut self,
+        product: ProductId,
+        size: Option<&str>,
+        levels: StockLevels,
+    ) -> Result<()>;
+
+    /// Inserts a payment record. Its hash is new (128 random bits).
+    fn insert_payment(&mut self, payment: &Payment) -> Result<()>;
+
+    /// Overwrites the status and `paid_at` of an existing payment.
+    fn update_payment(&mut self, payment: &Payment) -> Result<()>;
+
+    /// Inserts an order and returns the id the store assigned (ascending, never reused).
+    fn insert_order(&mut self, order: &NewOrder) -> Result<OrderId>;
+
+    /// Overwrites the status, payment status, `paid_at` and admin notes of an existing
+    /// order.
+    fn update_order(&mut self, order: &Order) -> Result<()>;
+}
+
+/// Typed results on top of the unit-based [`StockStore`] methods.
+pub(crate) trait StoreExt {
+    /// Runs a write unit and returns what it produced.
+    fn write_with<T, F>(&self, unit: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnMut(&mut dyn StockTx) -> Result<T> + Send + 'static;
+
+    /// Runs a read unit and returns what it produced.
+    fn read_with<T, F>(&self, unit: F) -> Result<T>
+    where
+        F: FnMut(&mut dyn StockRead) -> Result<T>;
+}
+
+impl StoreExt for dyn StockStore {
+    fn write_with<T, F>(&self, mut unit: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnMut(&mut dyn StockTx) -> Result<T> + Send + 'static,
+    {
+        let slot = Arc::new(Mutex::new(None));
+        let out = Arc::clone(&slot);
+        self.write(Box::new(move |tx| {
+            let value = unit(tx)?;
+            *out.lock().unwrap_or_else(|e| e.into_inner()) = Some(value);
+            Ok(())
+        }))?;
+        let value = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        value.ok_or_else(|| {
+            Error::storage(
+                self.backend(),
+                "write unit committed without producing a result",
+            )
+        })
+    }
+
+    fn read_with<T, F>(&self, mut unit: F) -> Result<T>
+    where
+        F: FnMut(&mut dyn StockRead) -> Result<T>,
+    {
+        let mut out = None;
+        self.read(&mut |tx| {
+            out = Some(unit(tx)?);
+            Ok(())
+        })?;
+        out.ok_or_else(|| Error::storage(self.backend(), "read unit produced no result"))
+    }
+}
+
+/// Compile-time check that the stores can be shared between threads.
+#[allow(dead_code)]
+fn assert_send_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<memory::MemoryStore>();
+    #[cfg(feature = "sqlite")]
+    check::<sqlite::SqliteStore>();
+    check::<Arc<dyn StockStore>>();
+    check::<Error>();
+}
