@@ -1,0 +1,688 @@
+//! [`SqliteStore`]: the default backend, on a bundled SQLite file.
+
+mod schema;
+
+use std::fmt;
+use std::panic::{self, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use r2d2_sqlite::SqliteConnectionManager;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
+
+use crate::error::{Error, Result};
+use crate::model::{
+    NewOrder, Order, OrderId, OrderStatus, Payment, PaymentStatus, Product, ProductId, StockLevels,
+};
+use crate::store::{ReadUnit, StockRead, StockStore, StockTx, WriteUnit};
+
+const BACKEND: &str = "sqlite";
+
+pub(crate) fn sql_err(e: rusqlite::Error) -> Error {
+    Error::storage(BACKEND, e)
+}
+
+/// How much a commit that has returned can lose if the machine loses power.
+///
+/// Both settings keep the database file consistent; they differ in how many of the last
+/// commits may be lost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Durability {
+    /// `PRAGMA synchronous = FULL`: every commit is on disk (fsync) before the call
+    /// returns. Nothing that returned `Ok` is lost to a process crash, an OS crash or a
+    /// power cut. The default.
+    #[default]
+    Full,
+    /// `PRAGMA synchronous = NORMAL`: commits survive a crash of the application, but
+    /// the last ones before an OS crash or power cut may roll back (the WAL is synced at
+    /// checkpoints, not at each commit). Several times faster per commit.
+    Normal,
+}
+
+/// Settings of a [`SqliteStore`].
+///
+/// ```
+/// use std::time::Duration;
+/// use stockroom::{Durability, SqliteConfig};
+///
+/// let config = SqliteConfig::default()
+///     .with_durability(Durability::Normal)
+///     .with_busy_timeout(Duration::from_secs(2));
+/// assert_eq!(config.durability, Durability::Normal);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct SqliteConfig {
+    /// What a power cut can lose: [`Durability::Full`] by default.
+    pub durability: Durability,
+    /// How long a writer waits for another process that holds the write lock before it
+    /// reports a storage error: 10 seconds by default.
+    pub busy_timeout: Duration,
+    /// How many pooled connections serve reads: 4 by default.
+    pub read_pool_size: u32,
+}
+
+impl SqliteConfig {
+    /// The same settings with another durability.
+    pub fn with_durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// The same settings with another busy timeout.
+    pub fn with_busy_timeout(mut self, timeout: Duration) -> Self {
+        self.busy_timeout = timeout;
+        self
+    }
+
+    /// The same settings with another read pool size (at least 1).
+    pub fn with_read_pool_size(mut self, size: u32) -> Self {
+        self.read_pool_size = size.max(1);
+        self
+    }
+}
+
+impl Default for SqliteConfig {
+    fn default() -> Self {
+        SqliteConfig {
+            durability: Durability::Full,
+            busy_timeout: Duration::from_secs(10),
+            read_pool_size: 4,
+        }
+    }
+}
+
+/// A store on a SQLite database file (or one in memory), with SQLite bundled.
+///
+/// - Every write unit is one `BEGIN IMMEDIATE` transaction on the store's one writer
+///   connection: writers of one process queue for it instead of racing for SQLite's lock,
+///   and a busy error cannot come from a deferred transaction upgrading to a write.
+///   Several processes may share one file; they wait for each other up to
+///   [`SqliteConfig::busy_timeout`].
+/// - The file uses the WAL journal, so reads (served by a pool of read-only connections)
+///   never wait for writers.
+/// - The schema carries `CHECK` constraints (no counter below zero) and foreign keys, and
+///   is migrated on open; a file written by a newer version is refused with
+///   [`Error::SchemaTooNew`].
+///
+/// ```
+/// use std::sync::Arc;
+/// use stockroom::{NewProduct, ProductId, SqliteStore, StockService};
+///
+/// let dir = tempfile::tempdir()?;
+/// let store = SqliteStore::open(dir.path().join("stock.db"))?;
+/// let stock = StockService::new(Arc::new(store));
+/// stock.create_product(NewProduct::sized(ProductId(7), "Shirt", [("M", 5)]))?;
+/// stock.reserve_stock(ProductId(7), 2, Some("M"))?;
+/// assert_eq!(stock.get_stock_info(ProductId(7), Some("M"))?.reserved_quantity, 2);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct SqliteStore {
+    writer: Mutex<Connection>,
+    readers: r2d2::Pool<SqliteConnectionManager>,
+    location: Location,
+    config: SqliteConfig,
+}
+
+#[derive(Debug, Clone)]
+enum Location {
+    File(PathBuf),
+    Memory(String),
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("location", &self.location)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating it if needed) the database file at `path` with the default
+    /// [`SqliteConfig`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Storage`] if the file cannot be opened or migrated,
+    /// [`Error::SchemaTooNew`] if a newer version of stockroom wrote it.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(path, SqliteConfig::default())
+    }
+
+    /// Opens (creating it if needed) the database file at `path`.
+    ///
+    /// # Errors
+    ///
+    /// As [`open`](SqliteStore::open).
+    pub fn open_with(path: impl AsRef<Path>, config: SqliteConfig) -> Result<Self> {
+        Self::build(Location::File(path.as_ref().to_path_buf()), config)
+    }
+
+    /// A private database in memory, shared by the store's writer and its read pool, gone
+    /// when the store is dropped.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Storage`] if SQLite cannot allocate it.
+    pub fn open_in_memory() -> Result<Self> {
+        Self::open_in_memory_with(SqliteConfig::default())
+    }
+
+    /// As [`open_in_memory`](SqliteStore::open_in_memory), with settings.
+    ///
+    /// # Errors
+    ///
+    /// As [`open_in_memory`](SqliteStore::open_in_memory).
+    pub fn open_in_memory_with(config: SqliteConfig) -> Result<Self> {
+        let mut id = [0u8; 16];
+        getrandom::fill(&mut id).map_err(|e| Error::storage(BACKEND, e.to_string()))?;
+        let name: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        // The memdb VFS shares one database between every connection that opens the same
+        // name starting with '/', and frees it when the last one closes.
+        Self::build(
+            Location::Memory(format!("file:/stockroom-{name}?vfs=memdb")),
+            config,
+        )
+    }
+
+    /// The settings this store was opened with.
+    pub fn config(&self) -> &SqliteConfig {
+        &self.config
+    }
+
+    /// The database file, or `None` for a store in memory.
+    pub fn path(&self) -> Option<&Path> {
+        match &self.location {
+            Location::File(p) => Some(p),
+            Location::Memory(_) => None,
+        }
+    }
+
+    fn build(location: Location, config: SqliteConfig) -> Result<Self> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let target = match &location {
+            Location::File(p) => p.to_string_lossy().into_owned(),
+            Location::Memory(uri) => uri.clone(),
+        };
+        let in_memory = matches!(location, Location::Memory(_));
+
+        let mut writer = match &location {
+            Location::File(p) => Connection::open_with_flags(p, flags),
+            Location::Memory(uri) => Connection::open_with_flags(uri, flags),
+        }
+        .map_err(sql_err)?;
+        writer.busy_timeout(config.busy_timeout).map_err(sql_err)?;
+        if !in_memory {
+            let mode: String = writer
+                .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+                .map_err(sql_err)?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                return Err(Error::storage(
+                    BACKEND,
+                    format!("could not switch {target} to WAL (journal mode is {mode})"),
+                ));
+            }
+        }
+        let sync = match config.durability {
+            Durability::Full => "FULL",
+            Durability::Normal => "NORMAL",
+        };
+        writer
+            .execute_batch(&format!(
+                "PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON;"
+            ))
+            .map_err(sql_err)?;
+        writer.set_prepared_statement_cache_capacity(64);
+        schema::migrate(&mut writer)?;
+
+        let busy_timeout = config.busy_timeout;
+        let manager = SqliteConnectionManager::file(&target)
+            .with_flags(flags)
+            .with_init(move |c| {
+                c.busy_timeout(busy_timeout)?;
+                c.execute_batch("PRAGMA foreign_keys = ON; PRAGMA query_only = ON;")?;
+                c.set_prepared_statement_cache_capacity(64);
+                Ok(())
+            });
+        let readers = r2d2::Pool::builder()
+            .max_size(config.read_pool_size.max(1))
+            .min_idle(Some(0))
+            .build(manager)
+            .map_err(|e| Error::storage(BACKEND, e))?;
+
+        log::debug!("sqlite: opened {target} ({config:?})");
+        Ok(SqliteStore {
+            writer: Mutex::new(writer),
+            readers,
+            location,
+            config,
+        })
+    }
+
+    fn writer(&self) -> Result<MutexGuard<'_, Connection>> {
+        self.writer
+            .lock()
+            .map_err(|_| Error::storage(BACKEND, "writer connection poisoned by a panic"))
+    }
+}
+
+/// Runs `sql` (cached) on `conn`, ignoring rows.
+fn exec(conn: &Connection, sql: &str) -> Result<()> {
+    conn.prepare_cached(sql)
+        .and_then(|mut s| s.execute([]))
+        .map(drop)
+        .map_err(sql_err)
+}
+
+impl StockStore for SqliteStore {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn write(&self, mut unit: WriteUnit) -> Result<()> {
+        let conn = self.writer()?;
+        exec(&conn, "BEGIN IMMEDIATE")?;
+        let outcome = panic::catch_unwind(AssertUnwindSafe(|| unit(&mut SqliteTx { conn: &conn })));
+        match outcome {
+            Ok(Ok(())) => {
+                if let Err(e) = exec(&conn, "COMMIT") {
+                    let _ = exec(&conn, "ROLLBACK");
+                    return Err(e);
+                }
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                exec(&conn, "ROLLBACK")?;
+                Err(e)
+            }
+            Err(payload) => {
+                let _ = exec(&conn, "ROLLBACK");
+                drop(conn);
+                panic::resume_unwind(payload)
+            }
+        }
+    }
+
+    fn read(&self, unit: ReadUnit<'_>) -> Result<()> {
+        let conn = self.readers.get().map_err(|e| Error::storage(BACKEND, e))?;
+        exec(&conn, "BEGIN")?;
+        let outcome = unit(&mut SqliteTx { conn: &conn });
+        // A read transaction has nothing to keep; end it whatever the outcome.
+        let end = exec(&conn, "ROLLBACK");
+        outcome.and(end)
+    }
+}
+
+/// A unit's view of the database: the writer inside `BEGIN IMMEDIATE`, or a pooled reader
+/// inside a read transaction.
+struct SqliteTx<'c> {
+    conn: &'c Connection,
+}
+
+fn to_db(value: u64) -> Result<i64> {
+    i64::try_from(value).map_err(|_| Error::storage(BACKEND, format!("{value} does not fit")))
+}
+
+fn size_db(size: Option<&str>) -> &str {
+    size.unwrap_or("")
+}
+
+fn size_from_db(size: String) -> Option<String> {
+    (!size.is_empty()).then_some(size)
+}
+
+fn time_db(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+fn column_u64(row: &Row<'_>, idx: usize) -> rusqlite::Result<u64> {
+    let v: i64 = row.get(idx)?;
+    u64::try_from(v).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Integer, Box::new(e))
+    })
+}
+
+fn column_time(row: &Row<'_>, idx: usize) -> rusqlite::Result<DateTime<Utc>> {
+    let v: i64 = row.get(idx)?;
+    DateTime::from_timestamp_micros(v).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            idx,
+            rusqlite::types::Type::Integer,
+            format!("timestamp {v} out of range").into(),
+        )
+    })
+}
+
+fn column_opt_time(row: &Row<'_>, idx: usize) -> rusqlite::Result<Option<DateTime<Utc>>> {
+    match row.get::<_, Option<i64>>(idx)? {
+        None => Ok(None),
+        Some(_) => column_time(row, idx).map(Some),
+    }
+}
+
+fn bad_text(idx: usize, what: &str, v: &str) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        idx,
+        rusqlite::types::Type::Text,
+        format!("unknown {what} {v:?}").into(),
+    )
+}
+
+fn column_order_status(row: &Row<'_>, idx: usize) -> rusqlite::Result<OrderStatus> {
+    let v: String = row.get(idx)?;
+    OrderStatus::parse(&v).ok_or_else(|| bad_text(idx, "order status", &v))
+}
+
+fn column_payment_status(row: &Row<'_>, idx: usize) -> rusqlite::Result<PaymentStatus> {
+    let v: String = row.get(idx)?;
+    PaymentStatus::parse(&v).ok_or_else(|| bad_text(idx, "payment status", &v))
+}
+
+fn levels_from_row(row: &Row<'_>, first: usize) -> rusqlite::Result<StockLevels> {
+    Ok(StockLevels {
+        available: column_u64(row, first)?,
+        reserved: column_u64(row, first + 1)?,
+        sold: column_u64(row, first + 2)?,
+    })
+}
+
+const ORDER_COLUMNS: &str = "id, payment_hash, product_id, size, quantity, unit_price, customer_ref, \
+     status, payment_status, created_at, payment_expires_at, paid_at, admin_notes";
+
+fn order_from_row(row: &Row<'_>) -> rusqlite::Result<Order> {
+    Ok(Order {
+        id: OrderId(row.get(0)?),
+        payment_hash: row.get(1)?,
+        product_id: ProductId(row.get(2)?),
+        size: size_from_db(row.get(3)?),
+        quantity: column_u64(row, 4)?,
+        unit_price: column_u64(row, 5)?,
+        customer_ref: row.get(6)?,
+        status: column_order_status(row, 7)?,
+        payment_status: column_payment_status(row, 8)?,
+        created_at: column_time(row, 9)?,
+        payment_expires_at: column_time(row, 10)?,
+        paid_at: column_opt_time(row, 11)?,
+        admin_notes: row.get(12)?,
+    })
+}
+
+impl StockRead for SqliteTx<'_> {
+    fn product(&mut self, id: ProductId) -> Result<Option<Product>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT name, has_sizes FROM products WHERE id = ?1")
+            .map_err(sql_err)?;
+        stmt.query_row([id.0], |r| {
+            Ok(Product {
+                id,
+                name: r.get(0)?,
+                has_sizes: r.get(1)?,
+            })
+        })
+        .optional()
+        .map_err(sql_err)
+    }
+
+    fn stock(&mut self, product: ProductId, size: Option<&str>) -> Result<Option<StockLevels>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT available, reserved, sold FROM stock WHERE product_id = ?1 AND size = ?2",
+            )
+            .map_err(sql_err)?;
+        stmt.query_row(params![product.0, size_db(size)], |r| levels_from_row(r, 0))
+            .optional()
+            .map_err(sql_err)
+    }
+
+    fn product_stock(&mut self, product: ProductId) -> Result<Vec<(Option<String>, StockLevels)>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT size, available, reserved, sold FROM stock WHERE product_id = ?1 \
+                 ORDER BY size",
+            )
+            .map_err(sql_err)?;
+        let rows = stmt
+            .query_map([product.0], |r| {
+                Ok((size_from_db(r.get(0)?), levels_from_row(r, 1)?))
+            })
+            .map_err(sql_err)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(sql_err)
+    }
+
+    fn order(&mut self, id: OrderId) -> Result<Option<Order>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = ?1"))
+            .map_err(sql_err)?;
+        stmt.query_row([id.0], order_from_row)
+            .optional()
+            .map_err(sql_err)
+    }
+
+    fn payment(&mut self, hash: &str) -> Result<Option<Payment>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT key, amount, status, created_at, expires_at, paid_at \
+                 FROM payments WHERE hash = ?1",
+            )
+            .map_err(sql_err)?;
+        stmt.query_row([hash], |r| {
+            Ok(Payment {
+                hash: hash.to_owned(),
+                key: r.get(0)?,
+                amount: column_u64(r, 1)?,
+                status: column_payment_status(r, 2)?,
+                created_at: column_time(r, 3)?,
+                expires_at: column_time(r, 4)?,
+                paid_at: column_opt_time(r, 5)?,
+            })
+        })
+        .optional()
+        .map_err(sql_err)
+    }
+
+    fn payment_orders(&mut self, hash: &str) -> Result<Vec<Order>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {ORDER_COLUMNS} FROM orders WHERE payment_hash = ?1 ORDER BY id"
+            ))
+            .map_err(sql_err)?;
+        let rows = stmt.query_map([hash], order_from_row).map_err(sql_err)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(sql_err)
+    }
+
+    fn expired_orders(
+        &mut self,
+        now: DateTime<Utc>,
+        after: Option<(DateTime<Utc>, OrderId)>,
+        limit: usize,
+    ) -> Result<Vec<Order>> {
+        let (after_t, after_id) = after.map_or((i64::MIN, i64::MIN), |(t, id)| (time_db(t), id.0));
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {ORDER_COLUMNS} FROM orders \
+                 WHERE status = 'under_paying' AND payment_expires_at < ?1 \
+                   AND (payment_expires_at, id) > (?2, ?3) \
+                 ORDER BY payment_expires_at, id LIMIT ?4"
+            ))
+            .map_err(sql_err)?;
+        let rows = stmt
+            .query_map(
+                params![time_db(now), after_t, after_id, limit],
+                order_from_row,
+            )
+            .map_err(sql_err)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(sql_err)
+    }
+}
+
+impl StockTx for SqliteTx<'_> {
+    fn insert_product(&mut self, product: &Product) -> Result<bool> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO products (id, name, has_sizes) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (id) DO NOTHING",
+            )
+            .map_err(sql_err)?;
+        let n = stmt
+            .execute(params![product.id.0, product.name, product.has_sizes])
+            .map_err(sql_err)?;
+        Ok(n == 1)
+    }
+
+    fn insert_stock(
+        &mut self,
+        product: ProductId,
+        size: Option<&str>,
+        levels: StockLevels,
+    ) -> Result<bool> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO stock (product_id, size, available, reserved, sold) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (product_id, size) DO NOTHING",
+            )
+            .map_err(sql_err)?;
+        let n = stmt
+            .execute(params![
+                product.0,
+                size_db(size),
+                to_db(levels.available)?,
+                to_db(levels.reserved)?,
+                to_db(levels.sold)?
+            ])
+            .map_err(sql_err)?;
+        Ok(n == 1)
+    }
+
+    fn update_stock(
+        &mut self,
+        product: ProductId,
+        size: Option<&str>,
+        levels: StockLevels,
+    ) -> Result<()> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "UPDATE stock SET available = ?3, reserved = ?4, sold = ?5 \
+                 WHERE product_id = ?1 AND size = ?2",
+            )
+            .map_err(sql_err)?;
+        let n = stmt
+            .execute(params![
+                product.0,
+                size_db(size),
+                to_db(levels.available)?,
+                to_db(levels.reserved)?,
+                to_db(levels.sold)?
+            ])
+            .map_err(sql_err)?;
+        expect_one(n, "stock row")
+    }
+
+    fn insert_payment(&mut self, payment: &Payment) -> Result<()> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO payments (hash, key, amount, status, created_at, expires_at, paid_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )
+            .map_err(sql_err)?;
+        stmt.execute(params![
+            payment.hash,
+            payment.key,
+            to_db(payment.amount)?,
+            payment.status.as_str(),
+            time_db(payment.created_at),
+            time_db(payment.expires_at),
+            payment.paid_at.map(time_db)
+        ])
+        .map_err(sql_err)?;
+        Ok(())
+    }
+
+    fn update_payment(&mut self, payment: &Payment) -> Result<()> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("UPDATE payments SET status = ?2, paid_at = ?3 WHERE hash = ?1")
+            .map_err(sql_err)?;
+        let n = stmt
+            .execute(params![
+                payment.hash,
+                payment.status.as_str(),
+                payment.paid_at.map(time_db)
+            ])
+            .map_err(sql_err)?;
+        expect_one(n, "payment")
+    }
+
+    fn insert_order(&mut self, order: &NewOrder) -> Result<OrderId> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO orders (payment_hash, product_id, size, quantity, unit_price, \
+                 customer_ref, status, payment_status, created_at, payment_expires_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'under_paying', 'pending', ?7, ?8)",
+            )
+            .map_err(sql_err)?;
+        stmt.execute(params![
+            order.payment_hash,
+            order.product_id.0,
+            size_db(order.size.as_deref()),
+            to_db(order.quantity)?,
+            to_db(order.unit_price)?,
+            order.customer_ref,
+            time_db(order.created_at),
+            time_db(order.payment_expires_at)
+        ])
+        .map_err(sql_err)?;
+        Ok(OrderId(self.conn.last_insert_rowid()))
+    }
+
+    fn update_order(&mut self, order: &Order) -> Result<()> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "UPDATE orders SET status = ?2, payment_status = ?3, paid_at = ?4, \
+                 admin_notes = ?5 WHERE id = ?1",
+            )
+            .map_err(sql_err)?;
+        let n = stmt
+            .execute(params![
+                order.id.0,
+                order.status.as_str(),
+                order.payment_status.as_str(),
+                order.paid_at.map(time_db),
+                order.admin_notes
+            ])
+            .map_err(sql_err)?;
+        expect_one(n, "order")
+    }
+}
+
+fn expect_one(changed: usize, what: &str) -> Result<()> {
+    if changed == 1 {
+        Ok(())
+    } else {
+        Err(Error::storage(
+            BACKEND,
+            format!("update of a missing {what} ({changed} rows changed)"),
+        ))
+    }
+}

@@ -1,0 +1,99 @@
+//! The SQLite schema: an append-only list of migrations tracked by `PRAGMA user_version`.
+//!
+//! Never edit a migration that has shipped; append a new one.
+
+use rusqlite::Connection;
+
+use crate::error::{Error, Result};
+
+use super::sql_err;
+
+/// Migration `i` (from 0) brings the schema from version `i` to version `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 1: products, stock rows, payments and orders.
+    "
+    CREATE TABLE products (
+        id        INTEGER PRIMARY KEY,
+        name      TEXT    NOT NULL CHECK (length(name) BETWEEN 1 AND 200),
+        has_sizes INTEGER NOT NULL CHECK (has_sizes IN (0, 1))
+    ) STRICT;
+
+    -- size '' is the product-wide row of a product without sizes.
+    CREATE TABLE stock (
+        product_id INTEGER NOT NULL REFERENCES products (id),
+        size       TEXT    NOT NULL CHECK (length(size) <= 64),
+        available  INTEGER NOT NULL CHECK (available >= 0),
+        reserved   INTEGER NOT NULL CHECK (reserved >= 0),
+        sold       INTEGER NOT NULL CHECK (sold >= 0),
+        PRIMARY KEY (product_id, size)
+    ) STRICT, WITHOUT ROWID;
+
+    CREATE TABLE payments (
+        hash       TEXT    PRIMARY KEY,
+        key        TEXT    NOT NULL,
+        amount     INTEGER NOT NULL CHECK (amount >= 0),
+        status     TEXT    NOT NULL
+                   CHECK (status IN ('pending', 'completed', 'expired', 'cancelled')),
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        paid_at    INTEGER
+    ) STRICT;
+
+    CREATE TABLE orders (
+        id                 INTEGER PRIMARY KEY AUTOINCREMENT,
+        payment_hash       TEXT    NOT NULL REFERENCES payments (hash),
+        product_id         INTEGER NOT NULL,
+        size               TEXT    NOT NULL,
+        quantity           INTEGER NOT NULL CHECK (quantity > 0),
+        unit_price         INTEGER NOT NULL CHECK (unit_price >= 0),
+        customer_ref       TEXT,
+        status             TEXT    NOT NULL
+                           CHECK (status IN ('under_paying', 'pending', 'cancelled')),
+        payment_status     TEXT    NOT NULL
+                           CHECK (payment_status IN ('pending', 'completed', 'expired', 'cancelled')),
+        created_at         INTEGER NOT NULL,
+        payment_expires_at INTEGER NOT NULL,
+        paid_at            INTEGER,
+        admin_notes        TEXT,
+        FOREIGN KEY (product_id, size) REFERENCES stock (product_id, size)
+    ) STRICT;
+
+    CREATE INDEX orders_by_payment ON orders (payment_hash);
+    -- Cleanup reads only the orders still waiting for payment, oldest window first: its
+    -- cost follows the number of expired orders, not the number of orders.
+    CREATE INDEX orders_awaiting_payment ON orders (payment_expires_at, id)
+        WHERE status = 'under_paying';
+    ",
+];
+
+/// The schema version this code writes.
+pub(crate) const LATEST: i64 = MIGRATIONS.len() as i64;
+
+/// Brings the database to [`LATEST`], in one `IMMEDIATE` transaction, so that two
+/// processes opening a new file at once do not both migrate it. Refuses a database newer
+/// than the code.
+pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(sql_err)?;
+    let found: i64 = tx
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(sql_err)?;
+    if found > LATEST {
+        return Err(Error::SchemaTooNew {
+            found,
+            supported: LATEST,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        log::debug!("sqlite: applying migration {}", i + 1);
+        tx.execute_batch(sql).map_err(sql_err)?;
+    }
+    if found < LATEST {
+        // PRAGMA takes no parameters; LATEST is a constant of this crate.
+        tx.execute_batch(&format!("PRAGMA user_version = {LATEST}"))
+            .map_err(sql_err)?;
+        log::info!("sqlite: schema migrated from version {found} to {LATEST}");
+    }
+    tx.commit().map_err(sql_err)
+}
