@@ -1,0 +1,94 @@
+//! The conformance suite (`stockroom::conformance`) on every backend of the crate: one
+//! named test per (backend, case), so a failure names both.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use stockroom::{MemoryStore, SqliteStore, StockStore};
+
+/// A folder for one test's database files, removed when the test ends.
+struct Scratch {
+    dir: tempfile::TempDir,
+    next: AtomicUsize,
+}
+
+impl Scratch {
+    fn new() -> Self {
+        Scratch {
+            dir: tempfile::tempdir().expect("temporary folder"),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    fn file(&self) -> PathBuf {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        self.dir.path().join(format!("stock-{n}.db"))
+    }
+}
+
+macro_rules! backend {
+    ($backend:ident, $scratch:ident => $make:expr) => {
+        mod $backend {
+            use super::*;
+
+            macro_rules! case {
+                ($case:ident) => {
+                    #[test]
+                    fn $case() {
+                        let $scratch = Scratch::new();
+                        let _ = &$scratch;
+                        let factory = || -> Arc<dyn StockStore> { Arc::new($make) };
+                        stockroom::conformance::$case(&factory);
+                    }
+                };
+            }
+
+            case!(create_products);
+            case!(create_product_refuses_bad_input);
+            case!(reserve_moves_available_to_reserved);
+            case!(reserve_more_than_available_is_refused);
+            case!(unreserve_moves_reserved_back);
+            case!(unreserve_more_than_reserved_is_refused);
+            case!(direct_sale_moves_available_to_sold);
+            case!(restock_adds_and_refuses_overflow);
+            case!(size_rules_are_enforced);
+            case!(bad_quantities_are_refused);
+            case!(cart_reserves_all_or_none);
+            case!(cart_lines_on_one_row_add_up);
+            case!(availability_check_changes_nothing);
+            case!(stock_count_books_the_difference);
+            case!(concurrent_reservations_never_oversell);
+            case!(checkout_creates_orders_awaiting_payment);
+            case!(checkout_without_reservation_is_refused);
+            case!(payment_confirmation_turns_reserved_into_sold);
+            case!(wrong_key_or_hash_confirms_nothing);
+            case!(repeated_confirmation_changes_nothing);
+            case!(late_payment_before_cleanup_is_confirmed);
+            case!(late_payment_after_cleanup_revives_orders);
+            case!(late_payment_without_stock_is_refused);
+            case!(late_payment_refused_by_config);
+            case!(expiry_cleanup_releases_stock_and_cancels);
+            case!(cleanup_twice_releases_once);
+            case!(cleanup_from_two_threads_releases_once);
+            case!(cleanup_works_in_batches);
+            case!(cleanup_failure_does_not_stop_others);
+            case!(cancel_order_releases_stock);
+            case!(failed_confirmation_changes_nothing);
+
+            /// The list above and the suite's own list name the same cases.
+            #[test]
+            fn every_case_is_run() {
+                let listed = include_str!("conformance.rs")
+                    .lines()
+                    .filter(|l| l.trim_start().starts_with("case!("))
+                    .count();
+                assert_eq!(listed, stockroom::conformance::ALL.len());
+            }
+        }
+    };
+}
+
+backend!(memory, scratch => MemoryStore::new());
+backend!(sqlite_memory, scratch => SqliteStore::open_in_memory().expect("open sqlite in memory"));
+backend!(sqlite_file, scratch => SqliteStore::open(scratch.file()).expect("open sqlite file"));

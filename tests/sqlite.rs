@@ -1,0 +1,257 @@
+//! What only the SQLite backend promises: files that persist and migrate, the schema as a
+//! safety net, WAL, and several processes sharing one file.
+
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Barrier};
+use std::thread;
+
+use rusqlite::Connection;
+use stockroom::{
+    Durability, Error, NewProduct, ProductId, SqliteConfig, SqliteStore, StockService, StockStore,
+};
+
+const MUG: ProductId = ProductId(1);
+
+fn service(store: SqliteStore) -> StockService {
+    StockService::new(Arc::new(store))
+}
+
+fn levels(stock: &StockService) -> (u64, u64, u64) {
+    let i = stock.get_stock_info(MUG, None).unwrap();
+    (i.available_quantity, i.reserved_quantity, i.sold_quantity)
+}
+
+#[test]
+fn a_file_keeps_its_stock_across_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stock.db");
+    {
+        let stock = service(SqliteStore::open(&path).unwrap());
+        stock
+            .create_product(NewProduct::plain(MUG, "Mug", 10))
+            .unwrap();
+        stock.reserve_stock(MUG, 3, None).unwrap();
+        stock.confirm_stock_sale(MUG, 2, None).unwrap();
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    assert_eq!(store.path(), Some(path.as_path()));
+    let stock = service(store);
+    assert_eq!(levels(&stock), (5, 3, 2));
+}
+
+#[test]
+fn a_new_file_is_migrated_to_the_latest_schema_in_wal_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stock.db");
+    drop(SqliteStore::open(&path).unwrap());
+    let conn = Connection::open(&path).unwrap();
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 1);
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(tables, ["orders", "payments", "products", "stock"]);
+}
+
+#[test]
+fn a_database_from_a_newer_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stock.db");
+    drop(SqliteStore::open(&path).unwrap());
+    Connection::open(&path)
+        .unwrap()
+        .execute_batch("PRAGMA user_version = 99")
+        .unwrap();
+    match SqliteStore::open(&path) {
+        Err(Error::SchemaTooNew { found, supported }) => assert_eq!((found, supported), (99, 1)),
+        other => panic!("expected SCHEMA_TOO_NEW, got {other:?}"),
+    }
+}
+
+#[test]
+fn an_unopenable_path_is_a_storage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = SqliteStore::open(dir.path().join("no/such/folder/stock.db")).unwrap_err();
+    assert_eq!(err.code(), "STORAGE");
+    assert!(std::error::Error::source(&err).is_some());
+    assert!(!err.is_refusal());
+}
+
+#[test]
+fn the_schema_refuses_negative_counters_written_behind_the_library() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stock.db");
+    let stock = service(SqliteStore::open(&path).unwrap());
+    stock
+        .create_product(NewProduct::plain(MUG, "Mug", 1))
+        .unwrap();
+    let conn = Connection::open(&path).unwrap();
+    let err = conn
+        .execute("UPDATE stock SET reserved = -1 WHERE product_id = 1", [])
+        .unwrap_err();
+    assert!(err.to_string().contains("CHECK constraint failed"), "{err}");
+    conn.execute_batch("PRAGMA foreign_keys = ON").unwrap();
+    let err = conn
+        .execute("INSERT INTO stock VALUES (99, '', 1, 0, 0)", [])
+        .unwrap_err();
+    assert!(err.to_string().contains("FOREIGN KEY"), "{err}");
+    assert_eq!(levels(&stock), (1, 0, 0));
+}
+
+#[test]
+fn in_memory_stores_are_shared_by_their_pool_and_private_to_each_store() {
+    let a = SqliteStore::open_in_memory().unwrap();
+    assert_eq!(a.path(), None);
+    let b = SqliteStore::open_in_memory().unwrap();
+    let stock_a = service(a);
+    let stock_b = service(b);
+    stock_a
+        .create_product(NewProduct::plain(MUG, "Mug", 4))
+        .unwrap();
+    // Written by the writer connection, read back through the pool from many threads.
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let s = stock_a.clone();
+            thread::spawn(move || levels(&s))
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), (4, 0, 0));
+    }
+    assert_eq!(
+        stock_b.get_stock_info(MUG, None).unwrap_err().code(),
+        "PRODUCT_NOT_FOUND"
+    );
+}
+
+#[test]
+fn normal_durability_is_kept_in_the_config() {
+    let store = SqliteStore::open_in_memory_with(
+        SqliteConfig::default()
+            .with_durability(Durability::Normal)
+            .with_read_pool_size(2),
+    )
+    .unwrap();
+    assert_eq!(store.config().durability, Durability::Normal);
+    assert_eq!(store.config().read_pool_size, 2);
+    assert_eq!(store.backend(), "sqlite");
+    assert_eq!(SqliteConfig::default().durability, Durability::Full);
+}
+
+#[test]
+fn threads_opening_a_new_file_at_once_migrate_it_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stock.db");
+    let barrier = Arc::new(Barrier::new(6));
+    let handles: Vec<_> = (0..6)
+        .map(|i| {
+            let path = path.clone();
+            let barrier = Arc::clone(&barrier);
+            thread::spawn(move || {
+                barrier.wait();
+                let stock = service(SqliteStore::open(&path).unwrap());
+                stock
+                    .create_product(NewProduct::plain(ProductId(i), "P", 1))
+                    .unwrap();
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let stock = service(SqliteStore::open(&path).unwrap());
+    for i in 0..6 {
+        assert_eq!(
+            stock
+                .get_stock_info(ProductId(i), None)
+                .unwrap()
+                .available_quantity,
+            1
+        );
+    }
+}
+
+const CHILD_DB: &str = "STOCKROOM_TEST_CHILD_DB";
+
+/// Not a test of its own: the body of each child process of
+/// `processes_sharing_one_file_never_oversell`, which runs this binary again with
+/// `--ignored --exact` and the database path in the environment.
+#[test]
+#[ignore = "runs only as a child process of processes_sharing_one_file_never_oversell"]
+fn child_reserver() {
+    let path = std::env::var(CHILD_DB).expect("child started without a database path");
+    let stock = service(SqliteStore::open(&path).unwrap());
+    let (mut ok, mut short) = (0, 0);
+    for _ in 0..40 {
+        match stock.reserve_stock(MUG, 1, None) {
+            Ok(_) => ok += 1,
+            Err(Error::InsufficientStock { .. }) => short += 1,
+            Err(e) => panic!("unexpected error across processes: {e}"),
+        }
+    }
+    println!("CHILD-RESULT ok={ok} short={short}");
+}
+
+#[test]
+fn processes_sharing_one_file_never_oversell() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stock.db");
+    service(SqliteStore::open(&path).unwrap())
+        .create_product(NewProduct::plain(MUG, "Mug", 100))
+        .unwrap();
+    let exe = std::env::current_exe().unwrap();
+    // All four start before any is waited for, so they really race.
+    let children: Vec<_> = (0..4)
+        .map(|_| {
+            Command::new(&exe)
+                .args([
+                    "--ignored",
+                    "--exact",
+                    "child_reserver",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env(CHILD_DB, &path)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start child process")
+        })
+        .collect();
+    let (mut ok, mut short) = (0, 0);
+    for child in children {
+        let out = child.wait_with_output().expect("wait for child");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "child failed: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line = stdout
+            .lines()
+            .find_map(|l| l.split_once("CHILD-RESULT ").map(|(_, r)| r))
+            .unwrap_or_else(|| panic!("child printed no result: {stdout}"));
+        for part in line.split_whitespace() {
+            let (k, v) = part.split_once('=').unwrap();
+            let v: u32 = v.parse().unwrap();
+            match k {
+                "ok" => ok += v,
+                "short" => short += v,
+                _ => panic!("unknown field {k}"),
+            }
+        }
+    }
+    assert_eq!((ok, short), (100, 60));
+    let stock = service(SqliteStore::open(&path).unwrap());
+    assert_eq!(levels(&stock), (0, 100, 0));
+}
