@@ -26,8 +26,9 @@ use std::thread;
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 
 use crate::{
-    Error, MAX_QUANTITY, MAX_STOCK, NewProduct, OrderConfig, OrderId, OrderLine, OrderService,
-    OrderStatus, PaymentStatus, ProductId, StockLevels, StockLine, StockService, StockStore,
+    CounterDelta, Error, MAX_QUANTITY, MAX_STOCK, ManualClock, MovementKind, MovementQuery,
+    NewProduct, OrderConfig, OrderId, OrderLine, OrderService, OrderStatus, PaymentStatus,
+    ProductId, StockLevels, StockLine, StockService, StockStore,
 };
 
 /// Makes a new, empty store.
@@ -36,109 +37,63 @@ pub type Factory<'a> = &'a dyn Fn() -> Arc<dyn StockStore>;
 /// One case of the suite.
 pub type Case = fn(Factory<'_>);
 
-/// Every case of the suite, by name, for harnesses that loop over them.
-pub const ALL: &[(&str, Case)] = &[
-    ("create_products", create_products),
-    (
-        "create_product_refuses_bad_input",
-        create_product_refuses_bad_input,
-    ),
-    (
-        "reserve_moves_available_to_reserved",
-        reserve_moves_available_to_reserved,
-    ),
-    (
-        "reserve_more_than_available_is_refused",
-        reserve_more_than_available_is_refused,
-    ),
-    (
-        "unreserve_moves_reserved_back",
-        unreserve_moves_reserved_back,
-    ),
-    (
-        "unreserve_more_than_reserved_is_refused",
-        unreserve_more_than_reserved_is_refused,
-    ),
-    (
-        "direct_sale_moves_available_to_sold",
-        direct_sale_moves_available_to_sold,
-    ),
-    (
-        "restock_adds_and_refuses_overflow",
-        restock_adds_and_refuses_overflow,
-    ),
-    ("size_rules_are_enforced", size_rules_are_enforced),
-    ("bad_quantities_are_refused", bad_quantities_are_refused),
-    ("cart_reserves_all_or_none", cart_reserves_all_or_none),
-    ("cart_lines_on_one_row_add_up", cart_lines_on_one_row_add_up),
-    (
-        "availability_check_changes_nothing",
-        availability_check_changes_nothing,
-    ),
-    (
-        "stock_count_books_the_difference",
-        stock_count_books_the_difference,
-    ),
-    (
-        "concurrent_reservations_never_oversell",
-        concurrent_reservations_never_oversell,
-    ),
-    (
-        "checkout_creates_orders_awaiting_payment",
-        checkout_creates_orders_awaiting_payment,
-    ),
-    (
-        "checkout_without_reservation_is_refused",
-        checkout_without_reservation_is_refused,
-    ),
-    (
-        "payment_confirmation_turns_reserved_into_sold",
-        payment_confirmation_turns_reserved_into_sold,
-    ),
-    (
-        "wrong_key_or_hash_confirms_nothing",
-        wrong_key_or_hash_confirms_nothing,
-    ),
-    (
-        "repeated_confirmation_changes_nothing",
-        repeated_confirmation_changes_nothing,
-    ),
-    (
-        "late_payment_before_cleanup_is_confirmed",
-        late_payment_before_cleanup_is_confirmed,
-    ),
-    (
-        "late_payment_after_cleanup_revives_orders",
-        late_payment_after_cleanup_revives_orders,
-    ),
-    (
-        "late_payment_without_stock_is_refused",
-        late_payment_without_stock_is_refused,
-    ),
-    (
-        "late_payment_refused_by_config",
-        late_payment_refused_by_config,
-    ),
-    (
-        "expiry_cleanup_releases_stock_and_cancels",
-        expiry_cleanup_releases_stock_and_cancels,
-    ),
-    ("cleanup_twice_releases_once", cleanup_twice_releases_once),
-    (
-        "cleanup_from_two_threads_releases_once",
-        cleanup_from_two_threads_releases_once,
-    ),
-    ("cleanup_works_in_batches", cleanup_works_in_batches),
-    (
-        "cleanup_failure_does_not_stop_others",
-        cleanup_failure_does_not_stop_others,
-    ),
-    ("cancel_order_releases_stock", cancel_order_releases_stock),
-    (
-        "failed_confirmation_changes_nothing",
-        failed_confirmation_changes_nothing,
-    ),
+macro_rules! cases {
+    ($($case:ident),* $(,)?) => {
+        /// Every case of the suite, by name, for harnesses that loop over them.
+        pub const ALL: &[(&str, Case)] = &[$((stringify!($case), $case)),*];
+    };
+}
+
+cases![
+    create_products,
+    create_product_refuses_bad_input,
+    reserve_moves_available_to_reserved,
+    reserve_more_than_available_is_refused,
+    unreserve_moves_reserved_back,
+    unreserve_more_than_reserved_is_refused,
+    direct_sale_moves_available_to_sold,
+    restock_adds_and_refuses_overflow,
+    size_rules_are_enforced,
+    bad_quantities_are_refused,
+    cart_reserves_all_or_none,
+    cart_lines_on_one_row_add_up,
+    availability_check_changes_nothing,
+    stock_count_books_the_difference,
+    concurrent_reservations_never_oversell,
+    checkout_creates_orders_awaiting_payment,
+    checkout_without_reservation_is_refused,
+    payment_confirmation_turns_reserved_into_sold,
+    wrong_key_or_hash_confirms_nothing,
+    repeated_confirmation_changes_nothing,
+    late_payment_before_cleanup_is_confirmed,
+    late_payment_after_cleanup_revives_orders,
+    late_payment_without_stock_is_refused,
+    late_payment_refused_by_config,
+    expiry_cleanup_releases_stock_and_cancels,
+    cleanup_twice_releases_once,
+    cleanup_from_two_threads_releases_once,
+    cleanup_works_in_batches,
+    cleanup_failure_does_not_stop_others,
+    cancel_order_releases_stock,
+    failed_confirmation_changes_nothing,
+    ledger_records_every_kind_of_movement,
+    failed_operations_write_no_movement,
+    movements_read_back_by_time_and_page,
+    metrics_match_hand_computed_figures,
 ];
+
+/// Panics unless every stock row of `store` equals the sum of its ledger movements.
+/// The harness of this crate runs it after every case.
+pub fn assert_ledger_verifies(store: Arc<dyn StockStore>) {
+    let report = StockService::new(store)
+        .verify_ledger()
+        .expect("verify ledger");
+    assert!(
+        report.is_consistent(),
+        "ledger does not add up to the counters: {:?}",
+        report.mismatches
+    );
+}
 
 const PLAIN: ProductId = ProductId(1);
 const SIZED: ProductId = ProductId(2);
@@ -1265,4 +1220,346 @@ pub fn failed_confirmation_changes_nothing(factory: Factory<'_>) {
         .confirm_payment_for_orders(&checkout.payment_hash, &checkout.payment_key, t0())
         .unwrap();
     assert_eq!(levels(&stock, SIZED, Some("M")), (1, 0, 2));
+}
+
+fn clocked(factory: Factory<'_>) -> (StockService, OrderService, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock::new(t0()));
+    let store = factory();
+    let stock = StockService::new(store.clone()).with_clock(clock.clone());
+    let orders = OrderService::new(store, OrderConfig::default()).with_clock(clock.clone());
+    (stock, orders, clock)
+}
+
+fn delta(available: i64, reserved: i64, sold: i64) -> CounterDelta {
+    CounterDelta {
+        available,
+        reserved,
+        sold,
+    }
+}
+
+fn all_movements(stock: &StockService, product: ProductId) -> Vec<crate::StockMovement> {
+    stock
+        .movements(&MovementQuery::product(product).limit(10_000))
+        .expect("movements")
+}
+
+/// Every operation writes one movement per stock row it changes, of its own kind, with
+/// the exact deltas and what caused it.
+pub fn ledger_records_every_kind_of_movement(factory: Factory<'_>) {
+    let (stock, orders, clock) = clocked(factory);
+    stock
+        .create_product(NewProduct::plain(PLAIN, "Mug", 10))
+        .unwrap();
+    clock.advance(minutes(1));
+    stock
+        .with_reference("cart-1")
+        .reserve_stock(PLAIN, 3, None)
+        .unwrap();
+    stock.unreserve_stock(PLAIN, 1, None).unwrap();
+    stock.confirm_stock_sale(PLAIN, 1, None).unwrap();
+    stock
+        .with_reference("delivery-9")
+        .restock(PLAIN, 5, None)
+        .unwrap();
+    // On the shelf: available 12 + reserved 2 = 14; one is missing.
+    let count = stock.record_stock_count(PLAIN, None, 13).unwrap();
+    assert_eq!(count.discrepancy, -1);
+    // The 2 reserved units are checked out and paid.
+    let paid = orders
+        .checkout(vec![line(PLAIN, None, 2, 100)], t0())
+        .unwrap();
+    orders
+        .confirm_payment_for_orders(&paid.payment_hash, &paid.payment_key, t0())
+        .unwrap();
+    // A checkout the customer cancels.
+    stock.reserve_stock(PLAIN, 2, None).unwrap();
+    let cancelled = orders
+        .checkout(vec![line(PLAIN, None, 2, 100)], t0())
+        .unwrap();
+    orders.cancel_order(cancelled.orders[0].id, t0()).unwrap();
+    // A checkout that expires, then is paid late.
+    stock.reserve_stock(PLAIN, 2, None).unwrap();
+    let late = orders
+        .checkout(vec![line(PLAIN, None, 2, 100)], t0())
+        .unwrap();
+    orders.cleanup_expired_payments(t0() + minutes(20)).unwrap();
+    orders
+        .confirm_payment_for_orders(&late.payment_hash, &late.payment_key, t0() + minutes(21))
+        .unwrap();
+
+    let moves = all_movements(&stock, PLAIN);
+    let got: Vec<(MovementKind, CounterDelta)> = moves.iter().map(|m| (m.kind, m.delta)).collect();
+    use MovementKind as K;
+    assert_eq!(
+        got,
+        [
+            (K::Restock, delta(10, 0, 0)),
+            (K::Reserve, delta(-3, 3, 0)),
+            (K::Release, delta(1, -1, 0)),
+            (K::Sale, delta(-1, 0, 1)),
+            (K::Restock, delta(5, 0, 0)),
+            (K::CountCorrection, delta(-1, 0, 0)),
+            (K::Sale, delta(0, -2, 2)),
+            (K::Reserve, delta(-2, 2, 0)),
+            (K::Cancel, delta(2, -2, 0)),
+            (K::Reserve, delta(-2, 2, 0)),
+            (K::Expire, delta(2, -2, 0)),
+            (K::LatePaymentRevival, delta(-2, 0, 2)),
+        ]
+    );
+    assert_eq!(moves[0].at, t0());
+    assert!(moves[1..].iter().all(|m| m.at == t0() + minutes(1)));
+    assert!(
+        moves
+            .iter()
+            .all(|m| m.product_id == PLAIN && m.size.is_none())
+    );
+    assert_eq!(moves[1].reference.as_deref(), Some("cart-1"));
+    assert_eq!(moves[2].reference, None);
+    assert_eq!(moves[4].reference.as_deref(), Some("delivery-9"));
+    assert_eq!(moves[6].order_id, Some(paid.orders[0].id));
+    assert_eq!(
+        moves[6].payment_hash.as_deref(),
+        Some(paid.payment_hash.as_str())
+    );
+    assert_eq!(moves[8].order_id, Some(cancelled.orders[0].id));
+    assert_eq!(moves[10].order_id, Some(late.orders[0].id));
+    assert_eq!(
+        moves[11].payment_hash.as_deref(),
+        Some(late.payment_hash.as_str())
+    );
+    assert!(moves.windows(2).all(|w| w[0].id < w[1].id));
+    assert_eq!(levels(&stock, PLAIN, None), (9, 0, 5));
+    let report = stock.verify_ledger().unwrap();
+    assert_eq!((report.rows_checked, report.mismatches.len()), (1, 0));
+}
+
+/// A refused or failed operation writes no movement.
+pub fn failed_operations_write_no_movement(factory: Factory<'_>) {
+    let (stock, orders, _clock) = clocked(factory);
+    shop(&stock);
+    let paid = paid_checkout(&stock, &orders, vec![line(SIZED, Some("S"), 2, 100)]);
+    orders
+        .confirm_payment_for_orders(&paid.payment_hash, &paid.payment_key, t0())
+        .unwrap();
+    let count = |stock: &StockService| {
+        all_movements(stock, PLAIN).len() + all_movements(stock, SIZED).len()
+    };
+    let before = count(&stock);
+    assert_eq!(
+        before,
+        1 + 2 + 1 + 1,
+        "initial stock of 3 rows, reserve, sale"
+    );
+    let failures = [
+        code(stock.reserve_stock(PLAIN, 11, None)),
+        code(stock.unreserve_stock(PLAIN, 1, None)),
+        code(stock.confirm_stock_sale(SIZED, 9, Some("M"))),
+        code(stock.reserve_lines(&[
+            StockLine::new(PLAIN, None, 1),
+            StockLine::new(SIZED, Some("M"), 4),
+        ])),
+        code(stock.restock(PLAIN, MAX_STOCK, None)),
+        code(stock.with_reference("").reserve_stock(PLAIN, 1, None)),
+        code(orders.checkout(vec![line(PLAIN, None, 1, 100)], t0())),
+        code(orders.confirm_payment_for_orders(&paid.payment_hash, "wrong", t0())),
+        code(orders.cancel_order(paid.orders[0].id, t0())),
+    ];
+    assert_eq!(
+        failures,
+        [
+            "INSUFFICIENT_STOCK",
+            "INSUFFICIENT_RESERVED",
+            "INSUFFICIENT_STOCK",
+            "INSUFFICIENT_STOCK",
+            "STOCK_LIMIT_EXCEEDED",
+            "INVALID_LABEL",
+            "INSUFFICIENT_RESERVED",
+            "PAYMENT_NOT_FOUND",
+            "ORDER_NOT_CANCELLABLE",
+        ]
+    );
+    assert_eq!(count(&stock), before);
+    // A count that cannot be applied is recorded but moves nothing.
+    stock.reserve_stock(PLAIN, 4, None).unwrap();
+    assert!(!stock.record_stock_count(PLAIN, None, 2).unwrap().applied);
+    assert_eq!(count(&stock), before + 1);
+}
+
+/// Movements read back by product and size, in a time range, oldest first, page by page.
+pub fn movements_read_back_by_time_and_page(factory: Factory<'_>) {
+    let (stock, _orders, clock) = clocked(factory);
+    shop(&stock);
+    for i in 0..5 {
+        clock.advance(minutes(10));
+        stock
+            .reserve_stock(SIZED, 1, Some(if i % 2 == 0 { "S" } else { "M" }))
+            .unwrap();
+    }
+    // SIZED: initial S at t0, initial M at t0, then S +10, M +20, S +30, M +40, S +50.
+    let s_only = stock
+        .movements(&MovementQuery::product(SIZED).size("S").limit(100))
+        .unwrap();
+    let times: Vec<_> = s_only.iter().map(|m| m.at).collect();
+    assert_eq!(
+        times,
+        [
+            t0(),
+            t0() + minutes(10),
+            t0() + minutes(30),
+            t0() + minutes(50)
+        ]
+    );
+    let window = MovementQuery::product(SIZED).between(t0() + minutes(10), t0() + minutes(40));
+    let in_window = stock.movements(&window).unwrap();
+    let kinds: Vec<_> = in_window
+        .iter()
+        .map(|m| (m.size.clone().unwrap(), m.at))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("S".to_owned(), t0() + minutes(10)),
+            ("M".to_owned(), t0() + minutes(20)),
+            ("S".to_owned(), t0() + minutes(30)),
+        ]
+    );
+    // Pages of two, following each page's last movement, cover all seven once.
+    let mut query = MovementQuery::product(SIZED).limit(2);
+    let mut seen = Vec::new();
+    loop {
+        let page = stock.movements(&query).unwrap();
+        assert!(page.len() <= 2);
+        let Some(last) = page.last() else { break };
+        query = query.after(last);
+        seen.extend(page.into_iter().map(|m| m.id));
+    }
+    assert_eq!(seen.len(), 7);
+    let mut unique = seen.clone();
+    unique.dedup();
+    assert_eq!(unique, seen);
+    assert_eq!(all_movements(&stock, PLAIN).len(), 1);
+    assert_eq!(
+        code(stock.movements(&MovementQuery::product(SIZED).limit(0))),
+        "INVALID_INPUT"
+    );
+    assert!(
+        stock
+            .movements(&MovementQuery::product(ProductId(404)))
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// The metrics of a scripted day match figures computed by hand.
+pub fn metrics_match_hand_computed_figures(factory: Factory<'_>) {
+    let (stock, orders, clock) = clocked(factory);
+    shop(&stock);
+    clock.advance(minutes(5));
+    // PLAIN: 6 reserved in three carts of 2; one paid, one cancelled, one expired.
+    let mut carts = Vec::new();
+    for _ in 0..3 {
+        carts.push(paid_checkout(
+            &stock,
+            &orders,
+            vec![line(PLAIN, None, 2, 100)],
+        ));
+    }
+    orders
+        .confirm_payment_for_orders(&carts[0].payment_hash, &carts[0].payment_key, t0())
+        .unwrap();
+    orders.cancel_order(carts[1].orders[0].id, t0()).unwrap();
+    orders.cleanup_expired_payments(t0() + minutes(20)).unwrap();
+    // SIZED: 4 reserved, 1 unreserved, 3 still reserved; one direct sale of 1.
+    stock.reserve_stock(SIZED, 4, Some("S")).unwrap();
+    stock.unreserve_stock(SIZED, 1, Some("S")).unwrap();
+    stock.confirm_stock_sale(SIZED, 1, Some("M")).unwrap();
+    // Two counts: PLAIN matches (10 - 2 sold = 8 on the shelf), M is 2 short.
+    assert_eq!(
+        stock
+            .record_stock_count(PLAIN, None, 8)
+            .unwrap()
+            .discrepancy,
+        0
+    );
+    assert_eq!(
+        stock
+            .record_stock_count(SIZED, Some("M"), 0)
+            .unwrap()
+            .discrepancy,
+        -2
+    );
+    // Something after the window does not count.
+    clock.advance(minutes(120));
+    stock.reserve_stock(PLAIN, 1, None).unwrap();
+
+    let m = stock
+        .metrics(t0() + minutes(1), t0() + minutes(60))
+        .unwrap();
+    let o = m.overall;
+    assert_eq!(
+        (
+            o.units_reserved,
+            o.units_sold,
+            o.units_expired,
+            o.units_released
+        ),
+        (10, 3, 2, 3)
+    );
+    assert_eq!(
+        (o.units_held, o.units_hold_expired, o.abandoned_cart_rate),
+        (0, 0, None)
+    );
+    assert_eq!(o.conversion_rate, Some(0.3));
+    assert_eq!(o.expiry_rate, Some(0.2));
+    assert_eq!(
+        o.reserved_now, 4,
+        "3 S units, and the 1 PLAIN unit reserved after the window"
+    );
+    assert_eq!(o.stock_accuracy.counts, 2);
+    assert_eq!(o.stock_accuracy.matched, 1);
+    assert_eq!(o.stock_accuracy.matched_share, Some(0.5));
+    assert_eq!(o.stock_accuracy.total_abs_discrepancy, 2);
+
+    assert_eq!(m.products.len(), 2);
+    let plain = &m.products[0];
+    assert_eq!(plain.product_id, PLAIN);
+    let p = plain.figures;
+    assert_eq!(
+        (
+            p.units_reserved,
+            p.units_sold,
+            p.units_expired,
+            p.units_released,
+            p.reserved_now
+        ),
+        (6, 2, 2, 2, 1)
+    );
+    assert_eq!(p.conversion_rate, Some(2.0 / 6.0));
+    assert_eq!(p.stock_accuracy.matched_share, Some(1.0));
+    let sized = m.products[1].figures;
+    assert_eq!(
+        (
+            sized.units_reserved,
+            sized.units_sold,
+            sized.units_released,
+            sized.reserved_now
+        ),
+        (4, 1, 1, 3)
+    );
+    assert_eq!(sized.expiry_rate, Some(0.0));
+    assert_eq!(sized.stock_accuracy.total_abs_discrepancy, 2);
+
+    let empty = stock
+        .metrics(t0() - minutes(60), t0() - minutes(30))
+        .unwrap();
+    assert_eq!(
+        (empty.overall.units_reserved, empty.overall.conversion_rate),
+        (0, None)
+    );
+    assert_eq!(
+        code(stock.metrics(t0(), t0() - minutes(1))),
+        "INVALID_INPUT"
+    );
 }

@@ -78,6 +78,7 @@
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms, unreachable_pub)]
 
+mod clock;
 mod error;
 mod model;
 mod service;
@@ -86,12 +87,15 @@ pub mod store;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, Result, ShortLine};
 pub use model::{
-    Availability, InitialStock, MAX_LABEL_LEN, MAX_NAME_LEN, MAX_QUANTITY, MAX_STOCK, NewOrder,
-    NewProduct, Order, OrderId, OrderStatus, Payment, PaymentStatus, Product, ProductId,
-    StockCount, StockInfo, StockLevels, StockLine,
+    Availability, CounterDelta, InitialStock, KindTotal, LedgerMismatch, LedgerReport,
+    MAX_LABEL_LEN, MAX_NAME_LEN, MAX_QUANTITY, MAX_STOCK, MovementKind, MovementQuery, NewMovement,
+    NewOrder, NewProduct, Order, OrderId, OrderStatus, Payment, PaymentStatus, Product, ProductId,
+    StockCount, StockCountRecord, StockInfo, StockLevels, StockLine, StockMovement,
 };
+pub use service::ledger::{MetricsFigures, ProductMetrics, StockAccuracy, StockMetrics};
 pub use service::order::{
     Checkout, CheckoutRequest, CleanupFailure, CleanupReport, MAX_CHECKOUT_LINES, MAX_UNIT_PRICE,
     OrderConfig, OrderLine, OrderService,
@@ -100,7 +104,7 @@ pub use service::stock::StockService;
 pub use store::memory::MemoryStore;
 #[cfg(feature = "sqlite")]
 pub use store::sqlite::{Durability, SqliteConfig, SqliteStore};
-pub use store::{ReadUnit, StockRead, StockStore, StockTx, WriteUnit};
+pub use store::{LedgerBalance, ReadUnit, StockRead, StockRow, StockStore, StockTx, WriteUnit};
 
 /// Compile-time check that the services can be shared between threads.
 #[allow(dead_code)]

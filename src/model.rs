@@ -436,3 +436,292 @@ impl NewOrder {
         }
     }
 }
+
+/// What caused a stock movement: see [`StockMovement`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MovementKind {
+    /// available → reserved, by `reserve_stock` or `reserve_lines`.
+    Reserve,
+    /// reserved → available, by `unreserve_stock` or `unreserve_lines`.
+    Release,
+    /// → sold: a direct sale (from available) or a confirmed payment (from reserved).
+    Sale,
+    /// reserved → available: an order's payment window passed.
+    Expire,
+    /// reserved → available: the customer cancelled an unpaid order.
+    Cancel,
+    /// + available: a delivery, or a product's initial stock.
+    Restock,
+    /// ± available: a physical count differed from the system's figure.
+    CountCorrection,
+    /// available → sold: a payment after cleanup took the units again.
+    LatePaymentRevival,
+    /// available → reserved: a cart hold.
+    Hold,
+    /// reserved → available: a cart hold released by the shop.
+    HoldRelease,
+    /// reserved → available: a cart hold that expired.
+    HoldExpire,
+    /// A cart hold became an order's reservation at checkout (no counter moves).
+    HoldConvert,
+}
+
+impl MovementKind {
+    /// Every kind, in declaration order.
+    pub const ALL: [MovementKind; 12] = [
+        MovementKind::Reserve,
+        MovementKind::Release,
+        MovementKind::Sale,
+        MovementKind::Expire,
+        MovementKind::Cancel,
+        MovementKind::Restock,
+        MovementKind::CountCorrection,
+        MovementKind::LatePaymentRevival,
+        MovementKind::Hold,
+        MovementKind::HoldRelease,
+        MovementKind::HoldExpire,
+        MovementKind::HoldConvert,
+    ];
+
+    /// The stored name, such as `count_correction`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            MovementKind::Reserve => "reserve",
+            MovementKind::Release => "release",
+            MovementKind::Sale => "sale",
+            MovementKind::Expire => "expire",
+            MovementKind::Cancel => "cancel",
+            MovementKind::Restock => "restock",
+            MovementKind::CountCorrection => "count_correction",
+            MovementKind::LatePaymentRevival => "late_payment_revival",
+            MovementKind::Hold => "hold",
+            MovementKind::HoldRelease => "hold_release",
+            MovementKind::HoldExpire => "hold_expire",
+            MovementKind::HoldConvert => "hold_convert",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        MovementKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+impl fmt::Display for MovementKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A signed change to each counter of a stock row.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CounterDelta {
+    /// Change to `available`.
+    pub available: i64,
+    /// Change to `reserved`.
+    pub reserved: i64,
+    /// Change to `sold`.
+    pub sold: i64,
+}
+
+impl CounterDelta {
+    /// The change from `before` to `after`. Counters are at most [`MAX_STOCK`], so the
+    /// differences fit.
+    pub fn between(before: StockLevels, after: StockLevels) -> Self {
+        let d = |a: u64, b: u64| b as i64 - a as i64;
+        CounterDelta {
+            available: d(before.available, after.available),
+            reserved: d(before.reserved, after.reserved),
+            sold: d(before.sold, after.sold),
+        }
+    }
+
+    /// The sum of two deltas (saturating: sums of real ledgers stay far from the bounds).
+    pub fn plus(self, other: CounterDelta) -> Self {
+        CounterDelta {
+            available: self.available.saturating_add(other.available),
+            reserved: self.reserved.saturating_add(other.reserved),
+            sold: self.sold.saturating_add(other.sold),
+        }
+    }
+
+    /// Whether these deltas, summed from zero, equal `levels`.
+    pub fn matches(&self, levels: StockLevels) -> bool {
+        i64::try_from(levels.available) == Ok(self.available)
+            && i64::try_from(levels.reserved) == Ok(self.reserved)
+            && i64::try_from(levels.sold) == Ok(self.sold)
+    }
+}
+
+/// One row of the append-only stock ledger: a change to one stock row, written in the same
+/// transaction as the change.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct StockMovement {
+    /// Assigned by the store, ascending.
+    pub id: i64,
+    /// When it happened, from the service's [`Clock`](crate::Clock).
+    pub at: DateTime<Utc>,
+    /// The product.
+    pub product_id: ProductId,
+    /// The size, for a product with sizes.
+    pub size: Option<String>,
+    /// What kind of movement.
+    pub kind: MovementKind,
+    /// The change to each counter.
+    pub delta: CounterDelta,
+    /// The order that caused it.
+    pub order_id: Option<OrderId>,
+    /// The payment that caused it.
+    pub payment_hash: Option<String>,
+    /// The caller's reference (see
+    /// [`StockService::with_reference`](crate::StockService::with_reference)) or the cart id.
+    pub reference: Option<String>,
+}
+
+/// A movement as the service hands it to the store, before the store assigns its id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NewMovement {
+    /// When it happened.
+    pub at: DateTime<Utc>,
+    /// The product.
+    pub product_id: ProductId,
+    /// The size.
+    pub size: Option<String>,
+    /// What kind of movement.
+    pub kind: MovementKind,
+    /// The change to each counter.
+    pub delta: CounterDelta,
+    /// The order that caused it.
+    pub order_id: Option<OrderId>,
+    /// The payment that caused it.
+    pub payment_hash: Option<String>,
+    /// The caller's reference or cart id.
+    pub reference: Option<String>,
+}
+
+impl NewMovement {
+    /// The movement the store keeps, with the id it assigned.
+    pub fn into_movement(self, id: i64) -> StockMovement {
+        StockMovement {
+            id,
+            at: self.at,
+            product_id: self.product_id,
+            size: self.size,
+            kind: self.kind,
+            delta: self.delta,
+            order_id: self.order_id,
+            payment_hash: self.payment_hash,
+            reference: self.reference,
+        }
+    }
+}
+
+/// Which movements to read: see
+/// [`StockService::movements`](crate::StockService::movements).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct MovementQuery {
+    /// The product.
+    pub product_id: ProductId,
+    /// One size only; `None` for every row of the product.
+    pub size: Option<String>,
+    /// From this time on (inclusive).
+    pub from: Option<DateTime<Utc>>,
+    /// Before this time (exclusive).
+    pub to: Option<DateTime<Utc>>,
+    /// Only movements after this one, in (time, id) order: pass the last movement of the
+    /// previous page to get the next.
+    pub after: Option<(DateTime<Utc>, i64)>,
+    /// At most this many (1 to 10,000; 100 by default).
+    pub limit: usize,
+}
+
+impl MovementQuery {
+    /// The first 100 movements of every row of `product_id`, oldest first.
+    pub fn product(product_id: ProductId) -> Self {
+        MovementQuery {
+            product_id,
+            size: None,
+            from: None,
+            to: None,
+            after: None,
+            limit: 100,
+        }
+    }
+
+    /// The same query for one size.
+    pub fn size(mut self, size: impl Into<String>) -> Self {
+        self.size = Some(size.into());
+        self
+    }
+
+    /// The same query over `[from, to)`.
+    pub fn between(mut self, from: DateTime<Utc>, to: DateTime<Utc>) -> Self {
+        self.from = Some(from);
+        self.to = Some(to);
+        self
+    }
+
+    /// The same query, at most `limit` movements.
+    pub fn limit(mut self, limit: usize) -> Self {
+        self.limit = limit;
+        self
+    }
+
+    /// The query for the page after `last`.
+    pub fn after(mut self, last: &StockMovement) -> Self {
+        self.after = Some((last.at, last.id));
+        self
+    }
+}
+
+/// A physical stock count as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct StockCountRecord {
+    /// When it was recorded.
+    pub at: DateTime<Utc>,
+    /// The count itself.
+    pub count: StockCount,
+}
+
+/// The sum of the deltas of one movement kind for one product: what the metrics are made
+/// of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KindTotal {
+    /// The product.
+    pub product_id: ProductId,
+    /// The kind.
+    pub kind: MovementKind,
+    /// The summed deltas.
+    pub delta: CounterDelta,
+}
+
+/// A stock row whose counters differ from the sum of its ledger: see
+/// [`StockService::verify_ledger`](crate::StockService::verify_ledger).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct LedgerMismatch {
+    /// The product.
+    pub product_id: ProductId,
+    /// The size.
+    pub size: Option<String>,
+    /// The counters as stored.
+    pub counters: StockLevels,
+    /// The sum of the row's movements.
+    pub ledger: CounterDelta,
+}
+
+/// The result of [`StockService::verify_ledger`](crate::StockService::verify_ledger).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct LedgerReport {
+    /// Stock rows checked.
+    pub rows_checked: usize,
+    /// Rows whose counters differ from their ledger (empty when everything adds up).
+    pub mismatches: Vec<LedgerMismatch>,
+}
+
+impl LedgerReport {
+    /// Whether every row's counters equal the sum of its movements.
+    pub fn is_consistent(&self) -> bool {
+        self.mismatches.is_empty()
+    }
+}

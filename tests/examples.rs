@@ -74,3 +74,43 @@ fn checkout_example_tells_the_whole_story() {
     assert!(out.contains("\"size\": \"L\""));
     assert!(out.contains("orders now pending"));
 }
+
+#[test]
+fn stock_report_example_prints_consistent_metrics() {
+    let out = run("stock_report");
+    assert!(
+        out.starts_with("A day at the shop, 09:00 to 21:00 UTC"),
+        "{out}"
+    );
+    assert!(
+        out.contains("ledger: 4 stock rows checked, 0 mismatches"),
+        "{out}"
+    );
+    let header = out.lines().find(|l| l.starts_with("product")).unwrap();
+    assert!(header.contains("conversion") && header.contains("discrepancy"));
+    let overall: Vec<&str> = out
+        .lines()
+        .find(|l| l.starts_with("overall"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let json_start = out.find("\n{").expect("metrics as JSON");
+    let metrics: serde_json::Value = serde_json::from_str(&out[json_start..]).unwrap();
+    let o = &metrics["overall"];
+    let n = |k: &str| o[k].as_u64().unwrap();
+    // The table and the JSON tell the same figures.
+    assert_eq!(overall[1].parse::<u64>().unwrap(), n("units_reserved"));
+    assert_eq!(overall[2].parse::<u64>().unwrap(), n("units_sold"));
+    // At closing every reserved unit was sold, expired or released.
+    assert_eq!(n("reserved_now"), 0);
+    assert_eq!(
+        n("units_reserved"),
+        n("units_sold") + n("units_expired") + n("units_released")
+    );
+    assert!(n("units_expired") > 0 && n("units_sold") > 0);
+    // The evening count found two mugs missing and the posters exact.
+    assert_eq!(o["stock_accuracy"]["counts"], 2);
+    assert_eq!(o["stock_accuracy"]["matched"], 1);
+    assert_eq!(o["stock_accuracy"]["total_abs_discrepancy"], 2);
+    assert_eq!(metrics["products"].as_array().unwrap().len(), 3);
+}

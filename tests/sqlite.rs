@@ -48,7 +48,7 @@ fn a_new_file_is_migrated_to_the_latest_schema_in_wal_mode() {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 1);
+    assert_eq!(version, 2);
     let mode: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .unwrap();
@@ -60,7 +60,17 @@ fn a_new_file_is_migrated_to_the_latest_schema_in_wal_mode() {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    assert_eq!(tables, ["orders", "payments", "products", "stock"]);
+    assert_eq!(
+        tables,
+        [
+            "orders",
+            "payments",
+            "products",
+            "stock",
+            "stock_counts",
+            "stock_movements"
+        ]
+    );
 }
 
 #[test]
@@ -73,7 +83,7 @@ fn a_database_from_a_newer_version_is_refused() {
         .execute_batch("PRAGMA user_version = 99")
         .unwrap();
     match SqliteStore::open(&path) {
-        Err(Error::SchemaTooNew { found, supported }) => assert_eq!((found, supported), (99, 1)),
+        Err(Error::SchemaTooNew { found, supported }) => assert_eq!((found, supported), (99, 2)),
         other => panic!("expected SCHEMA_TOO_NEW, got {other:?}"),
     }
 }
@@ -254,4 +264,62 @@ fn processes_sharing_one_file_never_oversell() {
     assert_eq!((ok, short), (100, 60));
     let stock = service(SqliteStore::open(&path).unwrap());
     assert_eq!(levels(&stock), (0, 100, 0));
+}
+
+#[test]
+fn verify_ledger_catches_a_counter_changed_behind_the_library() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stock.db");
+    let stock = service(SqliteStore::open(&path).unwrap());
+    stock
+        .create_product(NewProduct::plain(MUG, "Mug", 10))
+        .unwrap();
+    stock
+        .create_product(NewProduct::sized(ProductId(2), "Shirt", [("M", 3)]))
+        .unwrap();
+    stock.reserve_stock(MUG, 4, None).unwrap();
+    let clean = stock.verify_ledger().unwrap();
+    assert_eq!((clean.rows_checked, clean.mismatches.len()), (2, 0));
+    assert!(clean.is_consistent());
+
+    // A "repair job" edits the file directly.
+    Connection::open(&path)
+        .unwrap()
+        .execute(
+            "UPDATE stock SET reserved = 0, available = 14 WHERE product_id = 1",
+            [],
+        )
+        .unwrap();
+    let report = stock.verify_ledger().unwrap();
+    assert_eq!(report.rows_checked, 2);
+    assert_eq!(report.mismatches.len(), 1);
+    let m = &report.mismatches[0];
+    assert_eq!((m.product_id, m.size.as_deref()), (MUG, None));
+    assert_eq!(
+        (m.counters.available, m.counters.reserved, m.counters.sold),
+        (14, 0, 0)
+    );
+    assert_eq!(
+        (m.ledger.available, m.ledger.reserved, m.ledger.sold),
+        (6, 4, 0)
+    );
+}
+
+#[test]
+fn the_ledger_is_append_only_in_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stock.db");
+    let stock = service(SqliteStore::open(&path).unwrap());
+    stock
+        .create_product(NewProduct::plain(MUG, "Mug", 10))
+        .unwrap();
+    let conn = Connection::open(&path).unwrap();
+    for sql in [
+        "UPDATE stock_movements SET available_delta = 99",
+        "DELETE FROM stock_movements",
+    ] {
+        let err = conn.execute(sql, []).unwrap_err();
+        assert!(err.to_string().contains("append-only"), "{sql}: {err}");
+    }
+    assert!(stock.verify_ledger().unwrap().is_consistent());
 }

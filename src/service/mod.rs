@@ -1,5 +1,6 @@
 //! The rules, written once over any [`StockStore`](crate::StockStore).
 
+pub(crate) mod ledger;
 pub(crate) mod order;
 pub(crate) mod stock;
 
@@ -7,7 +8,12 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use crate::error::{Error, Result};
-use crate::model::{MAX_LABEL_LEN, MAX_QUANTITY, MAX_STOCK, ProductId, StockLevels, StockLine};
+use chrono::{DateTime, Utc};
+
+use crate::model::{
+    CounterDelta, MAX_LABEL_LEN, MAX_QUANTITY, MAX_STOCK, MovementKind, NewMovement, Order,
+    OrderId, ProductId, StockLevels, StockLine,
+};
 use crate::store::{StockRead, StockTx};
 
 /// A stock row's identity: product and size (`None` for a product without sizes). Sorting
@@ -228,19 +234,48 @@ pub(crate) fn load_row(
     }
 }
 
+/// What caused a movement, for its ledger row.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Cause {
+    pub(crate) order_id: Option<OrderId>,
+    pub(crate) payment_hash: Option<String>,
+    pub(crate) reference: Option<String>,
+}
+
+impl Cause {
+    pub(crate) fn reference(reference: Option<&str>) -> Self {
+        Cause {
+            reference: reference.map(str::to_owned),
+            ..Cause::default()
+        }
+    }
+
+    pub(crate) fn order(order: &Order) -> Self {
+        Cause {
+            order_id: Some(order.id),
+            payment_hash: Some(order.payment_hash.clone()),
+            reference: None,
+        }
+    }
+}
+
 /// The stock rows of a multi-row unit, loaded in ascending (product, size) order so that
-/// two units never wait for each other's rows in opposite orders; then changed in memory
-/// and written back once each.
+/// two units never wait for each other's rows in opposite orders; then changed in memory,
+/// and written back once each together with one ledger movement per change.
 pub(crate) struct LockedRows {
     rows: BTreeMap<RowKey, (StockLevels, bool)>,
+    at: DateTime<Utc>,
+    movements: Vec<NewMovement>,
 }
 
 impl LockedRows {
     /// Loads every row named by `keys`, in sorted order. The first missing row's refusal
-    /// is returned with the index of the first item in `keys` that names it.
+    /// is returned with the index of the first item in `keys` that names it. Movements
+    /// are stamped `at`.
     pub(crate) fn load<'k>(
         tx: &mut dyn StockRead,
         keys: impl IntoIterator<Item = (ProductId, Option<&'k str>)>,
+        at: DateTime<Utc>,
     ) -> Result<Self> {
         let mut wanted: BTreeMap<RowKey, usize> = BTreeMap::new();
         for (i, (p, s)) in keys.into_iter().enumerate() {
@@ -263,7 +298,11 @@ impl LockedRows {
         }
         match first_missing {
             Some((_, e)) => Err(e),
-            None => Ok(LockedRows { rows }),
+            None => Ok(LockedRows {
+                rows,
+                at,
+                movements: Vec::new(),
+            }),
         }
     }
 
@@ -275,10 +314,13 @@ impl LockedRows {
             .unwrap_or_default()
     }
 
-    /// Applies a movement to a loaded row in memory; refuses without changing it.
+    /// Applies a movement to a loaded row in memory and notes its ledger row; refuses
+    /// without changing anything.
     pub(crate) fn apply(
         &mut self,
         movement: Movement,
+        kind: MovementKind,
+        cause: &Cause,
         product: ProductId,
         size: Option<&str>,
         quantity: u64,
@@ -287,17 +329,50 @@ impl LockedRows {
             .rows
             .get_mut(&(product, size.map(str::to_owned)))
             .ok_or_else(|| Error::storage("stockroom", "stock row used before it was loaded"))?;
-        let next = movement.apply(product, size, entry.0, quantity)?;
+        let before = entry.0;
+        let next = movement.apply(product, size, before, quantity)?;
         *entry = (next, true);
+        self.note(
+            kind,
+            cause,
+            product,
+            size,
+            CounterDelta::between(before, next),
+        );
         Ok(next)
     }
 
-    /// Writes back every changed row, in the same sorted order.
+    /// Notes a ledger row for a change made without a counter movement (a hold converted
+    /// into an order's reservation).
+    pub(crate) fn note(
+        &mut self,
+        kind: MovementKind,
+        cause: &Cause,
+        product: ProductId,
+        size: Option<&str>,
+        delta: CounterDelta,
+    ) {
+        self.movements.push(NewMovement {
+            at: self.at,
+            product_id: product,
+            size: size.map(str::to_owned),
+            kind,
+            delta,
+            order_id: cause.order_id,
+            payment_hash: cause.payment_hash.clone(),
+            reference: cause.reference.clone(),
+        });
+    }
+
+    /// Writes back every changed row, in the same sorted order, then the ledger rows.
     pub(crate) fn store(self, tx: &mut dyn StockTx) -> Result<()> {
         for ((p, s), (levels, changed)) in self.rows {
             if changed {
                 tx.update_stock(p, s.as_deref(), levels)?;
             }
+        }
+        for movement in &self.movements {
+            tx.insert_movement(movement)?;
         }
         Ok(())
     }

@@ -4,15 +4,18 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::Arc;
 
-use chrono::{DateTime, SubsecRound, TimeDelta, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use serde::Serialize;
 
+use crate::clock::{Clock, SystemClock, normalize};
 use crate::error::{Error, Result, ShortLine};
 use crate::model::{
-    MAX_LABEL_LEN, MAX_QUANTITY, NewOrder, Order, OrderId, OrderStatus, Payment, PaymentStatus,
-    ProductId,
+    MAX_LABEL_LEN, MAX_QUANTITY, MovementKind, NewOrder, Order, OrderId, OrderStatus, Payment,
+    PaymentStatus, ProductId,
 };
-use crate::service::{LockedRows, Movement, RowName, check_label, check_quantity, check_size};
+use crate::service::{
+    Cause, LockedRows, Movement, RowName, check_label, check_quantity, check_size,
+};
 use crate::store::{StockStore, StockTx, StoreExt};
 
 /// The largest unit price, in minor currency units: ten billion (a hundred million in a
@@ -229,11 +232,7 @@ pub struct CleanupReport {
 pub struct OrderService {
     store: Arc<dyn StockStore>,
     config: OrderConfig,
-}
-
-/// Times are kept to the microsecond on every backend.
-fn normalize(now: DateTime<Utc>) -> DateTime<Utc> {
-    now.trunc_subsecs(6)
+    clock: Arc<dyn Clock>,
 }
 
 fn random_hex(bytes: usize) -> Result<String> {
@@ -269,7 +268,22 @@ fn append_note(order: &mut Order, note: String) {
 impl OrderService {
     /// A service over `store`.
     pub fn new(store: Arc<dyn StockStore>, config: OrderConfig) -> Self {
-        OrderService { store, config }
+        OrderService {
+            store,
+            config,
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// The same service stamping ledger rows with `clock` (the system clock by default).
+    /// The outcome of every operation depends only on the `now` it is given.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    fn stamp(&self) -> DateTime<Utc> {
+        normalize(self.clock.now())
     }
 
     /// The settings of this service.
@@ -345,19 +359,18 @@ impl OrderService {
         };
         let customer_ref = request.customer_ref;
         let unit_payment = payment.clone();
+        let at = self.stamp();
         let orders = self.store.write_with(move |tx| {
             let keys = lines.iter().map(|l| (l.product_id, l.size.as_deref()));
-            let mut rows = LockedRows::load(tx, keys)?;
+            let mut rows = LockedRows::load(tx, keys, at)?;
             // Each line must find its units reserved; lines for one row add up. The
-            // counters themselves do not move at checkout.
+            // counters themselves do not move at checkout, so `rows` is never stored.
+            let none = Cause::default();
             for (i, line) in lines.iter().enumerate() {
-                rows.apply(
-                    Movement::Release,
-                    line.product_id,
-                    line.size.as_deref(),
-                    line.quantity,
-                )
-                .map_err(|e| e.at_line(i))?;
+                let size = line.size.as_deref();
+                let (kind, product) = (MovementKind::Release, line.product_id);
+                rows.apply(Movement::Release, kind, &none, product, size, line.quantity)
+                    .map_err(|e| e.at_line(i))?;
             }
             tx.insert_payment(&unit_payment)?;
             let mut orders = Vec::with_capacity(lines.len());
@@ -436,6 +449,7 @@ impl OrderService {
         let hash = payment_hash.to_owned();
         let key = payment_key.to_owned();
         let accept_late = self.config.accept_late_payments;
+        let at = self.stamp();
         let outcome = self.store.write_with(move |tx| {
             let mut payment = match tx.payment(&hash)? {
                 Some(p) if secrets_match(&key, &p.key) => p,
@@ -460,13 +474,16 @@ impl OrderService {
             }
             let mut orders = tx.payment_orders(&hash)?;
             let keys = orders.iter().map(|o| (o.product_id, o.size.as_deref()));
-            let mut rows = LockedRows::load(tx, keys)?;
+            let mut rows = LockedRows::load(tx, keys, at)?;
             let mut short = Vec::new();
             for order in &mut orders {
-                let (movement, note) = match (order.status, order.payment_status) {
-                    (OrderStatus::UnderPaying, _) => (Movement::SellReserved, None),
+                let (movement, kind, note) = match (order.status, order.payment_status) {
+                    (OrderStatus::UnderPaying, _) => {
+                        (Movement::SellReserved, MovementKind::Sale, None)
+                    }
                     (OrderStatus::Cancelled, PaymentStatus::Expired) => (
                         Movement::SellAvailable,
+                        MovementKind::LatePaymentRevival,
                         Some(format!(
                             "Revived by a late payment at {}: stock taken again from available.",
                             when(now)
@@ -475,7 +492,15 @@ impl OrderService {
                     _ => continue,
                 };
                 let size = order.size.as_deref();
-                match rows.apply(movement, order.product_id, size, order.quantity) {
+                let cause = Cause::order(order);
+                match rows.apply(
+                    movement,
+                    kind,
+                    &cause,
+                    order.product_id,
+                    size,
+                    order.quantity,
+                ) {
                     Ok(_) => {}
                     Err(Error::InsufficientStock { available, .. }) => {
                         short.push(ShortLine {
@@ -550,6 +575,7 @@ impl OrderService {
     /// order; [`Error::InsufficientReserved`] if its units were released behind its back.
     pub fn cancel_order(&self, order_id: OrderId, now: DateTime<Utc>) -> Result<Order> {
         let now = normalize(now);
+        let at = self.stamp();
         let result = self.store.write_with(move |tx| {
             let mut order = tx
                 .order(order_id)?
@@ -560,9 +586,11 @@ impl OrderService {
                     status: order.status,
                 });
             }
-            let mut rows = LockedRows::load(tx, [(order.product_id, order.size.as_deref())])?;
+            let mut rows = LockedRows::load(tx, [(order.product_id, order.size.as_deref())], at)?;
             rows.apply(
                 Movement::Release,
+                MovementKind::Cancel,
+                &Cause::order(&order),
                 order.product_id,
                 order.size.as_deref(),
                 order.quantity,
@@ -611,11 +639,12 @@ impl OrderService {
         let mut cursor: Option<(DateTime<Utc>, OrderId)> = None;
         loop {
             let after = cursor;
+            let at = self.stamp();
             let batch = self.store.write_with(move |tx| {
                 let orders = tx.expired_orders(now, after, limit)?;
                 let seen = orders.len();
                 let last = orders.last().map(|o| (o.payment_expires_at, o.id));
-                let outcome = expire_orders(tx, orders)?;
+                let outcome = expire_orders(tx, orders, at)?;
                 Ok((seen, last, outcome))
             });
             let (seen, last) = match batch {
@@ -636,7 +665,7 @@ impl OrderService {
                         let id = order.id;
                         let single = self.store.write_with(move |tx| match tx.order(id)? {
                             Some(o) if o.status == OrderStatus::UnderPaying => {
-                                expire_orders(tx, vec![o])
+                                expire_orders(tx, vec![o], at)
                             }
                             _ => Ok(Expired::default()),
                         });
@@ -723,17 +752,26 @@ fn record_failure(report: &mut CleanupReport, order_id: OrderId, e: &Error) {
 /// Releases the stock of `orders` (all `under_paying`, loaded in this unit) and cancels
 /// them as expired. An order whose release is refused is reported and left untouched;
 /// the others go on.
-fn expire_orders(tx: &mut dyn StockTx, orders: Vec<Order>) -> Result<Expired> {
+fn expire_orders(tx: &mut dyn StockTx, orders: Vec<Order>, at: DateTime<Utc>) -> Result<Expired> {
     let mut outcome = Expired::default();
     if orders.is_empty() {
         return Ok(outcome);
     }
     let keys = orders.iter().map(|o| (o.product_id, o.size.as_deref()));
-    let mut rows = LockedRows::load(tx, keys)?;
+    let mut rows = LockedRows::load(tx, keys, at)?;
     let mut payments = BTreeSet::new();
     for mut order in orders {
         let size = order.size.as_deref();
-        if let Err(e) = rows.apply(Movement::Release, order.product_id, size, order.quantity) {
+        let cause = Cause::order(&order);
+        let kind = MovementKind::Expire;
+        if let Err(e) = rows.apply(
+            Movement::Release,
+            kind,
+            &cause,
+            order.product_id,
+            size,
+            order.quantity,
+        ) {
             outcome.failed.push((order.id, e));
             continue;
         }

@@ -2,13 +2,18 @@
 
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
+
+use crate::clock::{Clock, SystemClock, normalize};
 use crate::error::{Error, Result};
 use crate::model::{
-    Availability, InitialStock, MAX_NAME_LEN, MAX_QUANTITY, MAX_STOCK, NewProduct, Product,
-    ProductId, StockCount, StockInfo, StockLevels, StockLine,
+    Availability, CounterDelta, InitialStock, MAX_LABEL_LEN, MAX_NAME_LEN, MAX_QUANTITY, MAX_STOCK,
+    MovementKind, NewMovement, NewProduct, Product, ProductId, StockCount, StockCountRecord,
+    StockInfo, StockLevels, StockLine,
 };
 use crate::service::{
-    LockedRows, Movement, RowName, check_label, check_lines, check_quantity, check_size, load_row,
+    Cause, LockedRows, Movement, RowName, check_label, check_lines, check_quantity, check_size,
+    load_row,
 };
 use crate::store::{StockStore, StoreExt};
 
@@ -42,12 +47,58 @@ use crate::store::{StockStore, StoreExt};
 #[derive(Debug, Clone)]
 pub struct StockService {
     store: Arc<dyn StockStore>,
+    clock: Arc<dyn Clock>,
+    reference: Option<String>,
 }
 
 impl StockService {
-    /// A service over `store`.
+    /// A service over `store`, stamping ledger rows with the system clock.
     pub fn new(store: Arc<dyn StockStore>) -> Self {
-        StockService { store }
+        StockService {
+            store,
+            clock: Arc::new(SystemClock),
+            reference: None,
+        }
+    }
+
+    /// The same service stamping ledger rows and stock counts with `clock`.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// A copy of this service whose movements carry `reference` in the ledger (an
+    /// invoice number, a cart id, a staff member): what caused them.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use stockroom::{MemoryStore, MovementQuery, NewProduct, ProductId, StockService};
+    /// # let stock = StockService::new(Arc::new(MemoryStore::new()));
+    /// stock.create_product(NewProduct::plain(ProductId(1), "Mug", 5))?;
+    /// stock.with_reference("delivery-981").restock(ProductId(1), 20, None)?;
+    /// let last = stock.movements(&MovementQuery::product(ProductId(1)))?.pop().unwrap();
+    /// assert_eq!(last.reference.as_deref(), Some("delivery-981"));
+    /// # Ok::<(), stockroom::Error>(())
+    /// ```
+    ///
+    /// A reference longer than [`MAX_LABEL_LEN`] bytes, empty or with control characters
+    /// makes the operations refuse with [`Error::InvalidLabel`].
+    pub fn with_reference(&self, reference: impl Into<String>) -> Self {
+        StockService {
+            reference: Some(reference.into()),
+            ..self.clone()
+        }
+    }
+
+    pub(crate) fn now(&self) -> DateTime<Utc> {
+        normalize(self.clock.now())
+    }
+
+    fn cause(&self) -> Result<Cause> {
+        if let Some(r) = &self.reference {
+            check_label("reference", r, MAX_LABEL_LEN)?;
+        }
+        Ok(Cause::reference(self.reference.as_deref()))
     }
 
     /// The store this service runs on.
@@ -101,6 +152,8 @@ impl StockService {
             has_sizes: product.has_sizes(),
         };
         let unit_rows = rows.clone();
+        let cause = self.cause()?;
+        let at = self.now();
         self.store.write_with(move |tx| {
             if !tx.insert_product(&record)? {
                 return Err(Error::ProductExists {
@@ -108,7 +161,22 @@ impl StockService {
                 });
             }
             for (size, q) in &unit_rows {
-                tx.insert_stock(record.id, size.as_deref(), StockLevels::with_available(*q))?;
+                let levels = StockLevels::with_available(*q);
+                tx.insert_stock(record.id, size.as_deref(), levels)?;
+                if *q > 0 {
+                    // The initial stock is the row's first movement, so the ledger sums
+                    // to the counters from the start.
+                    tx.insert_movement(&NewMovement {
+                        at,
+                        product_id: record.id,
+                        size: size.clone(),
+                        kind: MovementKind::Restock,
+                        delta: CounterDelta::between(StockLevels::default(), levels),
+                        order_id: None,
+                        payment_hash: None,
+                        reference: cause.reference.clone(),
+                    })?;
+                }
             }
             Ok(())
         })?;
@@ -152,7 +220,13 @@ impl StockService {
         quantity: u64,
         size: Option<&str>,
     ) -> Result<StockInfo> {
-        self.move_one(Movement::Reserve, product_id, quantity, size)
+        self.move_one(
+            Movement::Reserve,
+            MovementKind::Reserve,
+            product_id,
+            quantity,
+            size,
+        )
     }
 
     /// Releases `quantity` reserved units (remove from cart): reserved → available.
@@ -167,7 +241,13 @@ impl StockService {
         quantity: u64,
         size: Option<&str>,
     ) -> Result<StockInfo> {
-        self.move_one(Movement::Release, product_id, quantity, size)
+        self.move_one(
+            Movement::Release,
+            MovementKind::Release,
+            product_id,
+            quantity,
+            size,
+        )
     }
 
     /// Sells `quantity` available units directly, without a reservation: available → sold.
@@ -184,7 +264,13 @@ impl StockService {
         quantity: u64,
         size: Option<&str>,
     ) -> Result<StockInfo> {
-        self.move_one(Movement::SellAvailable, product_id, quantity, size)
+        self.move_one(
+            Movement::SellAvailable,
+            MovementKind::Sale,
+            product_id,
+            quantity,
+            size,
+        )
     }
 
     /// Adds `quantity` units to available (a delivery arrived).
@@ -203,6 +289,7 @@ impl StockService {
         check_quantity(quantity, MAX_STOCK)?;
         let info = self.move_lines(
             Movement::Restock,
+            MovementKind::Restock,
             vec![StockLine::new(product_id, size, quantity)],
         )?;
         Ok(info.into_iter().next().expect("one line in, one row out"))
@@ -218,7 +305,7 @@ impl StockService {
     /// [`Error::InvalidInput`] for no lines. Nothing is reserved.
     pub fn reserve_lines(&self, lines: &[StockLine]) -> Result<Vec<StockInfo>> {
         check_lines(lines)?;
-        self.move_lines(Movement::Reserve, lines.to_vec())
+        self.move_lines(Movement::Reserve, MovementKind::Reserve, lines.to_vec())
     }
 
     /// Releases several reserved lines at once, all or none.
@@ -228,7 +315,7 @@ impl StockService {
     /// As [`reserve_lines`](Self::reserve_lines), with [`Error::InsufficientReserved`].
     pub fn unreserve_lines(&self, lines: &[StockLine]) -> Result<Vec<StockInfo>> {
         check_lines(lines)?;
-        self.move_lines(Movement::Release, lines.to_vec())
+        self.move_lines(Movement::Release, MovementKind::Release, lines.to_vec())
     }
 
     /// Whether `quantity` units could be reserved now, with the numbers. Changes nothing.
@@ -334,6 +421,8 @@ impl StockService {
             });
         }
         check_size(size)?;
+        let cause = self.cause()?;
+        let at = self.now();
         let owned_size = size.map(str::to_owned);
         let count = self.store.write_with(move |tx| {
             let size = owned_size.as_deref();
@@ -356,9 +445,19 @@ impl StockService {
                 }
                 if next != levels {
                     tx.update_stock(product_id, size, next)?;
+                    tx.insert_movement(&NewMovement {
+                        at,
+                        product_id,
+                        size: owned_size.clone(),
+                        kind: MovementKind::CountCorrection,
+                        delta: CounterDelta::between(levels, next),
+                        order_id: None,
+                        payment_hash: None,
+                        reference: cause.reference.clone(),
+                    })?;
                 }
             }
-            Ok(StockCount {
+            let count = StockCount {
                 product_id,
                 size: owned_size.clone(),
                 expected,
@@ -366,7 +465,12 @@ impl StockService {
                 discrepancy,
                 applied,
                 levels: next,
-            })
+            };
+            tx.insert_stock_count(&StockCountRecord {
+                at,
+                count: count.clone(),
+            })?;
+            Ok(count)
         })?;
         let row = RowName(product_id, size);
         if count.applied {
@@ -389,34 +493,42 @@ impl StockService {
     fn move_one(
         &self,
         movement: Movement,
+        kind: MovementKind,
         product_id: ProductId,
         quantity: u64,
         size: Option<&str>,
     ) -> Result<StockInfo> {
         check_quantity(quantity, MAX_QUANTITY)?;
-        let info = self.move_lines(movement, vec![StockLine::new(product_id, size, quantity)])?;
+        let info = self.move_lines(
+            movement,
+            kind,
+            vec![StockLine::new(product_id, size, quantity)],
+        )?;
         Ok(info.into_iter().next().expect("one line in, one row out"))
     }
 
     /// Applies `movement` to every line in one unit, all or none, and returns each line's
     /// row after the whole unit.
-    fn move_lines(&self, movement: Movement, lines: Vec<StockLine>) -> Result<Vec<StockInfo>> {
+    fn move_lines(
+        &self,
+        movement: Movement,
+        kind: MovementKind,
+        lines: Vec<StockLine>,
+    ) -> Result<Vec<StockInfo>> {
         for line in &lines {
             check_size(line.size.as_deref())?;
         }
+        let cause = self.cause()?;
+        let at = self.now();
         let logged = lines.clone();
         let result = self.store.write_with(move |tx| {
             let keys = lines.iter().map(|l| (l.product_id, l.size.as_deref()));
-            let mut rows = LockedRows::load(tx, keys)?;
+            let mut rows = LockedRows::load(tx, keys, at)?;
             let several = lines.len() > 1;
             for (i, line) in lines.iter().enumerate() {
-                rows.apply(
-                    movement,
-                    line.product_id,
-                    line.size.as_deref(),
-                    line.quantity,
-                )
-                .map_err(|e| if several { e.at_line(i) } else { e })?;
+                let size = line.size.as_deref();
+                rows.apply(movement, kind, &cause, line.product_id, size, line.quantity)
+                    .map_err(|e| if several { e.at_line(i) } else { e })?;
             }
             let after: Vec<StockInfo> = lines
                 .iter()

@@ -8,9 +8,10 @@ use chrono::{DateTime, Utc};
 
 use crate::error::{Error, Result};
 use crate::model::{
-    NewOrder, Order, OrderId, OrderStatus, Payment, Product, ProductId, StockLevels,
+    CounterDelta, KindTotal, MovementKind, MovementQuery, NewMovement, NewOrder, Order, OrderId,
+    OrderStatus, Payment, Product, ProductId, StockCountRecord, StockLevels, StockMovement,
 };
-use crate::store::{ReadUnit, StockRead, StockStore, StockTx, WriteUnit};
+use crate::store::{LedgerBalance, ReadUnit, StockRead, StockRow, StockStore, StockTx, WriteUnit};
 
 const BACKEND: &str = "memory";
 
@@ -62,6 +63,9 @@ struct State {
     /// Order ids of each payment, ascending.
     payment_orders: HashMap<String, Vec<OrderId>>,
     last_order_id: i64,
+    /// The ledger: a movement's id is its index plus one.
+    movements: Vec<StockMovement>,
+    counts: Vec<StockCountRecord>,
 }
 
 /// What to put back when a write unit fails.
@@ -73,6 +77,8 @@ enum Undo {
     PaymentUpdated(Payment),
     OrderInserted(OrderId, i64),
     OrderUpdated(Order),
+    MovementInserted,
+    CountInserted,
 }
 
 struct MemoryTx<'a> {
@@ -110,6 +116,12 @@ impl MemoryTx<'_> {
                 }
                 Undo::OrderUpdated(old) => {
                     state.orders.insert(old.id, old);
+                }
+                Undo::MovementInserted => {
+                    state.movements.pop();
+                }
+                Undo::CountInserted => {
+                    state.counts.pop();
                 }
             }
         }
@@ -174,6 +186,81 @@ impl StockRead for MemoryTx<'_> {
             .collect();
         expired.sort_by_key(|o| (o.payment_expires_at, o.id));
         Ok(expired.into_iter().take(limit).cloned().collect())
+    }
+
+    fn movements(&mut self, query: &MovementQuery) -> Result<Vec<StockMovement>> {
+        let mut found: Vec<&StockMovement> = self
+            .state
+            .movements
+            .iter()
+            .filter(|m| m.product_id == query.product_id)
+            .filter(|m| query.size.is_none() || m.size == query.size)
+            .filter(|m| query.from.is_none_or(|f| m.at >= f))
+            .filter(|m| query.to.is_none_or(|t| m.at < t))
+            .filter(|m| query.after.is_none_or(|a| (m.at, m.id) > a))
+            .collect();
+        found.sort_by_key(|m| (m.at, m.id));
+        Ok(found.into_iter().take(query.limit).cloned().collect())
+    }
+
+    fn all_stock(&mut self) -> Result<Vec<StockRow>> {
+        Ok(self
+            .state
+            .stock
+            .iter()
+            .map(|((p, s), l)| (*p, (!s.is_empty()).then(|| s.clone()), *l))
+            .collect())
+    }
+
+    fn ledger_balances(&mut self) -> Result<Vec<LedgerBalance>> {
+        let mut sums: BTreeMap<StockKey, CounterDelta> = BTreeMap::new();
+        for m in &self.state.movements {
+            let sum = sums
+                .entry(key(m.product_id, m.size.as_deref()))
+                .or_default();
+            *sum = sum.plus(m.delta);
+        }
+        Ok(sums
+            .into_iter()
+            .map(|((p, s), d)| (p, (!s.is_empty()).then_some(s), d))
+            .collect())
+    }
+
+    fn kind_totals(&mut self, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<Vec<KindTotal>> {
+        let mut sums: BTreeMap<(ProductId, MovementKind), CounterDelta> = BTreeMap::new();
+        for m in self
+            .state
+            .movements
+            .iter()
+            .filter(|m| m.at >= from && m.at < to)
+        {
+            let sum = sums.entry((m.product_id, m.kind)).or_default();
+            *sum = sum.plus(m.delta);
+        }
+        Ok(sums
+            .into_iter()
+            .map(|((product_id, kind), delta)| KindTotal {
+                product_id,
+                kind,
+                delta,
+            })
+            .collect())
+    }
+
+    fn stock_counts(
+        &mut self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<StockCountRecord>> {
+        let mut found: Vec<StockCountRecord> = self
+            .state
+            .counts
+            .iter()
+            .filter(|c| c.at >= from && c.at < to)
+            .cloned()
+            .collect();
+        found.sort_by_key(|c| c.at);
+        Ok(found)
     }
 }
 
@@ -280,6 +367,21 @@ impl StockTx for MemoryTx<'_> {
         updated.admin_notes = order.admin_notes.clone();
         let old = std::mem::replace(slot, updated);
         self.undo.push(Undo::OrderUpdated(old));
+        Ok(())
+    }
+
+    fn insert_movement(&mut self, movement: &NewMovement) -> Result<()> {
+        let id = self.state.movements.len() as i64 + 1;
+        self.state
+            .movements
+            .push(movement.clone().into_movement(id));
+        self.undo.push(Undo::MovementInserted);
+        Ok(())
+    }
+
+    fn insert_stock_count(&mut self, count: &StockCountRecord) -> Result<()> {
+        self.state.counts.push(count.clone());
+        self.undo.push(Undo::CountInserted);
         Ok(())
     }
 }

@@ -11,7 +11,17 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, Utc};
 
 use crate::error::{Error, Result};
-use crate::model::{NewOrder, Order, OrderId, Payment, Product, ProductId, StockLevels};
+use crate::model::{
+    CounterDelta, KindTotal, MovementQuery, NewMovement, NewOrder, Order, OrderId, Payment,
+    Product, ProductId, StockCountRecord, StockLevels, StockMovement,
+};
+
+/// A stock row with its identity: product, size (`None` for a product without sizes) and
+/// counters.
+pub type StockRow = (ProductId, Option<String>, StockLevels);
+
+/// The summed ledger deltas of one stock row.
+pub type LedgerBalance = (ProductId, Option<String>, CounterDelta);
 
 pub mod memory;
 #[cfg(feature = "sqlite")]
@@ -109,6 +119,26 @@ pub trait StockRead {
         after: Option<(DateTime<Utc>, OrderId)>,
         limit: usize,
     ) -> Result<Vec<Order>>;
+
+    /// Ledger movements matching `query`, ordered by `(at, id)`, at most `query.limit`.
+    fn movements(&mut self, query: &MovementQuery) -> Result<Vec<StockMovement>>;
+
+    /// Every stock row, ordered by (product, size).
+    fn all_stock(&mut self) -> Result<Vec<StockRow>>;
+
+    /// The sum of the deltas of every stock row's movements, for each row that has any,
+    /// ordered by (product, size).
+    fn ledger_balances(&mut self) -> Result<Vec<LedgerBalance>>;
+
+    /// The summed deltas of movements with `from <= at < to`, per product and kind.
+    fn kind_totals(&mut self, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<Vec<KindTotal>>;
+
+    /// The stock counts recorded with `from <= at < to`, oldest first.
+    fn stock_counts(
+        &mut self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<StockCountRecord>>;
 }
 
 /// The writes a write unit can make, on top of the loads of [`StockRead`].
@@ -144,6 +174,12 @@ pub trait StockTx: StockRead {
     /// Overwrites the status, payment status, `paid_at` and admin notes of an existing
     /// order.
     fn update_order(&mut self, order: &Order) -> Result<()>;
+
+    /// Appends a movement to the ledger. Movements are never updated or deleted.
+    fn insert_movement(&mut self, movement: &NewMovement) -> Result<()>;
+
+    /// Records a physical stock count.
+    fn insert_stock_count(&mut self, count: &StockCountRecord) -> Result<()>;
 }
 
 /// Typed results on top of the unit-based [`StockStore`] methods.

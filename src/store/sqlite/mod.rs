@@ -14,9 +14,11 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 
 use crate::error::{Error, Result};
 use crate::model::{
-    NewOrder, Order, OrderId, OrderStatus, Payment, PaymentStatus, Product, ProductId, StockLevels,
+    CounterDelta, KindTotal, MovementKind, MovementQuery, NewMovement, NewOrder, Order, OrderId,
+    OrderStatus, Payment, PaymentStatus, Product, ProductId, StockCount, StockCountRecord,
+    StockLevels, StockMovement,
 };
-use crate::store::{ReadUnit, StockRead, StockStore, StockTx, WriteUnit};
+use crate::store::{LedgerBalance, ReadUnit, StockRead, StockRow, StockStore, StockTx, WriteUnit};
 
 const BACKEND: &str = "sqlite";
 
@@ -221,9 +223,14 @@ impl SqliteStore {
         .map_err(sql_err)?;
         writer.busy_timeout(config.busy_timeout).map_err(sql_err)?;
         if !in_memory {
-            let mode: String = writer
-                .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-                .map_err(sql_err)?;
+            // Switching a new file to WAL needs it to itself, and SQLite reports busy
+            // here without calling the busy handler when another process or thread is
+            // opening the same file: wait and retry, within the busy timeout.
+            let mode: String = retry_busy(config.busy_timeout, || {
+                writer
+                    .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+                    .map_err(sql_err)
+            })?;
             if !mode.eq_ignore_ascii_case("wal") {
                 return Err(Error::storage(
                     BACKEND,
@@ -241,7 +248,7 @@ impl SqliteStore {
             ))
             .map_err(sql_err)?;
         writer.set_prepared_statement_cache_capacity(64);
-        schema::migrate(&mut writer)?;
+        retry_busy(config.busy_timeout, || schema::migrate(&mut writer))?;
 
         let busy_timeout = config.busy_timeout;
         let manager = SqliteConnectionManager::file(&target)
@@ -271,6 +278,35 @@ impl SqliteStore {
         self.writer
             .lock()
             .map_err(|_| Error::storage(BACKEND, "writer connection poisoned by a panic"))
+    }
+}
+
+/// Whether `e` is SQLite's busy or locked condition, which waiting can resolve.
+pub(crate) fn is_busy(e: &Error) -> bool {
+    let Error::Storage { source, .. } = e else {
+        return false;
+    };
+    matches!(
+        source.downcast_ref::<rusqlite::Error>(),
+        Some(rusqlite::Error::SqliteFailure(f, _))
+            if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
+/// Runs `step` again while it fails busy, for up to `timeout`, sleeping a little longer
+/// each time.
+fn retry_busy<T>(timeout: Duration, mut step: impl FnMut() -> Result<T>) -> Result<T> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match step() {
+            Err(e) if is_busy(&e) && std::time::Instant::now() < deadline => {
+                log::debug!("sqlite: busy while opening, retrying in {pause:?}");
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            other => return other,
+        }
     }
 }
 
@@ -384,6 +420,19 @@ fn column_order_status(row: &Row<'_>, idx: usize) -> rusqlite::Result<OrderStatu
 fn column_payment_status(row: &Row<'_>, idx: usize) -> rusqlite::Result<PaymentStatus> {
     let v: String = row.get(idx)?;
     PaymentStatus::parse(&v).ok_or_else(|| bad_text(idx, "payment status", &v))
+}
+
+fn column_kind(row: &Row<'_>, idx: usize) -> rusqlite::Result<MovementKind> {
+    let v: String = row.get(idx)?;
+    MovementKind::parse(&v).ok_or_else(|| bad_text(idx, "movement kind", &v))
+}
+
+fn delta_from_row(row: &Row<'_>, first: usize) -> rusqlite::Result<CounterDelta> {
+    Ok(CounterDelta {
+        available: row.get(first)?,
+        reserved: row.get(first + 1)?,
+        sold: row.get(first + 2)?,
+    })
 }
 
 fn levels_from_row(row: &Row<'_>, first: usize) -> rusqlite::Result<StockLevels> {
@@ -526,6 +575,143 @@ impl StockRead for SqliteTx<'_> {
                 params![time_db(now), after_t, after_id, limit],
                 order_from_row,
             )
+            .map_err(sql_err)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(sql_err)
+    }
+
+    fn movements(&mut self, query: &MovementQuery) -> Result<Vec<StockMovement>> {
+        let (after_t, after_id) = query
+            .after
+            .map_or((i64::MIN, i64::MIN), |(t, id)| (time_db(t), id));
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT id, at, product_id, size, kind, available_delta, reserved_delta, \
+                 sold_delta, order_id, payment_hash, reference FROM stock_movements \
+                 WHERE product_id = ?1 AND (?2 IS NULL OR size = ?2) AND at >= ?3 AND at < ?4 \
+                   AND (at, id) > (?5, ?6) \
+                 ORDER BY at, id LIMIT ?7",
+            )
+            .map_err(sql_err)?;
+        let rows = stmt
+            .query_map(
+                params![
+                    query.product_id.0,
+                    query.size,
+                    query.from.map_or(i64::MIN, time_db),
+                    query.to.map_or(i64::MAX, time_db),
+                    after_t,
+                    after_id,
+                    i64::try_from(query.limit).unwrap_or(i64::MAX)
+                ],
+                |r| {
+                    Ok(StockMovement {
+                        id: r.get(0)?,
+                        at: column_time(r, 1)?,
+                        product_id: ProductId(r.get(2)?),
+                        size: size_from_db(r.get(3)?),
+                        kind: column_kind(r, 4)?,
+                        delta: delta_from_row(r, 5)?,
+                        order_id: r.get::<_, Option<i64>>(8)?.map(OrderId),
+                        payment_hash: r.get(9)?,
+                        reference: r.get(10)?,
+                    })
+                },
+            )
+            .map_err(sql_err)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(sql_err)
+    }
+
+    fn all_stock(&mut self) -> Result<Vec<StockRow>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT product_id, size, available, reserved, sold FROM stock \
+                 ORDER BY product_id, size",
+            )
+            .map_err(sql_err)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    ProductId(r.get(0)?),
+                    size_from_db(r.get(1)?),
+                    levels_from_row(r, 2)?,
+                ))
+            })
+            .map_err(sql_err)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(sql_err)
+    }
+
+    fn ledger_balances(&mut self) -> Result<Vec<LedgerBalance>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT product_id, size, sum(available_delta), sum(reserved_delta), \
+                 sum(sold_delta) FROM stock_movements GROUP BY product_id, size \
+                 ORDER BY product_id, size",
+            )
+            .map_err(sql_err)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    ProductId(r.get(0)?),
+                    size_from_db(r.get(1)?),
+                    delta_from_row(r, 2)?,
+                ))
+            })
+            .map_err(sql_err)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(sql_err)
+    }
+
+    fn kind_totals(&mut self, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<Vec<KindTotal>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT product_id, kind, sum(available_delta), sum(reserved_delta), \
+                 sum(sold_delta) FROM stock_movements WHERE at >= ?1 AND at < ?2 \
+                 GROUP BY product_id, kind ORDER BY product_id, kind",
+            )
+            .map_err(sql_err)?;
+        let rows = stmt
+            .query_map([time_db(from), time_db(to)], |r| {
+                Ok(KindTotal {
+                    product_id: ProductId(r.get(0)?),
+                    kind: column_kind(r, 1)?,
+                    delta: delta_from_row(r, 2)?,
+                })
+            })
+            .map_err(sql_err)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(sql_err)
+    }
+
+    fn stock_counts(
+        &mut self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<StockCountRecord>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT at, product_id, size, expected, counted, discrepancy, applied, \
+                 available, reserved, sold FROM stock_counts WHERE at >= ?1 AND at < ?2 \
+                 ORDER BY at, id",
+            )
+            .map_err(sql_err)?;
+        let rows = stmt
+            .query_map([time_db(from), time_db(to)], |r| {
+                Ok(StockCountRecord {
+                    at: column_time(r, 0)?,
+                    count: StockCount {
+                        product_id: ProductId(r.get(1)?),
+                        size: size_from_db(r.get(2)?),
+                        expected: column_u64(r, 3)?,
+                        counted: column_u64(r, 4)?,
+                        discrepancy: r.get(5)?,
+                        applied: r.get(6)?,
+                        levels: levels_from_row(r, 7)?,
+                    },
+                })
+            })
             .map_err(sql_err)?;
         rows.collect::<rusqlite::Result<_>>().map_err(sql_err)
     }
@@ -673,6 +859,57 @@ impl StockTx for SqliteTx<'_> {
             ])
             .map_err(sql_err)?;
         expect_one(n, "order")
+    }
+
+    fn insert_movement(&mut self, m: &NewMovement) -> Result<()> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO stock_movements (at, product_id, size, kind, available_delta, \
+                 reserved_delta, sold_delta, order_id, payment_hash, reference) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )
+            .map_err(sql_err)?;
+        stmt.execute(params![
+            time_db(m.at),
+            m.product_id.0,
+            size_db(m.size.as_deref()),
+            m.kind.as_str(),
+            m.delta.available,
+            m.delta.reserved,
+            m.delta.sold,
+            m.order_id.map(|o| o.0),
+            m.payment_hash,
+            m.reference
+        ])
+        .map_err(sql_err)?;
+        Ok(())
+    }
+
+    fn insert_stock_count(&mut self, record: &StockCountRecord) -> Result<()> {
+        let c = &record.count;
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO stock_counts (at, product_id, size, expected, counted, discrepancy, \
+                 applied, available, reserved, sold) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )
+            .map_err(sql_err)?;
+        stmt.execute(params![
+            time_db(record.at),
+            c.product_id.0,
+            size_db(c.size.as_deref()),
+            to_db(c.expected)?,
+            to_db(c.counted)?,
+            c.discrepancy,
+            c.applied,
+            to_db(c.levels.available)?,
+            to_db(c.levels.reserved)?,
+            to_db(c.levels.sold)?
+        ])
+        .map_err(sql_err)?;
+        Ok(())
     }
 }
 

@@ -64,6 +64,49 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX orders_awaiting_payment ON orders (payment_expires_at, id)
         WHERE status = 'under_paying';
     ",
+    // 2: the append-only stock ledger and stock counts.
+    "
+    CREATE TABLE stock_movements (
+        id              INTEGER PRIMARY KEY,
+        at              INTEGER NOT NULL,
+        product_id      INTEGER NOT NULL,
+        size            TEXT    NOT NULL,
+        kind            TEXT    NOT NULL CHECK (kind IN ('reserve', 'release', 'sale', 'expire',
+                            'cancel', 'restock', 'count_correction', 'late_payment_revival',
+                            'hold', 'hold_release', 'hold_expire', 'hold_convert')),
+        available_delta INTEGER NOT NULL,
+        reserved_delta  INTEGER NOT NULL,
+        sold_delta      INTEGER NOT NULL,
+        order_id        INTEGER,
+        payment_hash    TEXT,
+        reference       TEXT,
+        FOREIGN KEY (product_id, size) REFERENCES stock (product_id, size)
+    ) STRICT;
+    -- A product's movements in a time range, oldest first.
+    CREATE INDEX stock_movements_by_product ON stock_movements (product_id, at, id);
+    -- Metrics over a time window.
+    CREATE INDEX stock_movements_by_time ON stock_movements (at);
+    CREATE TRIGGER stock_movements_append_only_update BEFORE UPDATE ON stock_movements
+    BEGIN SELECT RAISE(ABORT, 'stock movements are append-only'); END;
+    CREATE TRIGGER stock_movements_append_only_delete BEFORE DELETE ON stock_movements
+    BEGIN SELECT RAISE(ABORT, 'stock movements are append-only'); END;
+
+    CREATE TABLE stock_counts (
+        id          INTEGER PRIMARY KEY,
+        at          INTEGER NOT NULL,
+        product_id  INTEGER NOT NULL,
+        size        TEXT    NOT NULL,
+        expected    INTEGER NOT NULL CHECK (expected >= 0),
+        counted     INTEGER NOT NULL CHECK (counted >= 0),
+        discrepancy INTEGER NOT NULL,
+        applied     INTEGER NOT NULL CHECK (applied IN (0, 1)),
+        available   INTEGER NOT NULL CHECK (available >= 0),
+        reserved    INTEGER NOT NULL CHECK (reserved >= 0),
+        sold        INTEGER NOT NULL CHECK (sold >= 0),
+        FOREIGN KEY (product_id, size) REFERENCES stock (product_id, size)
+    ) STRICT;
+    CREATE INDEX stock_counts_by_time ON stock_counts (at);
+    ",
 ];
 
 /// The schema version this code writes.
@@ -79,6 +122,12 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {
     let found: i64 = tx
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .map_err(sql_err)?;
+    if found < 0 {
+        return Err(Error::storage(
+            "sqlite",
+            format!("database schema version {found} is not one stockroom writes"),
+        ));
+    }
     if found > LATEST {
         return Err(Error::SchemaTooNew {
             found,
