@@ -1,5 +1,6 @@
-//! The whole story of stockroom on a SQLite file: products, carts, checkout, payment,
-//! an abandoned checkout released by cleanup, and a refusal explained as JSON.
+//! The whole story of stockroom on a SQLite file: products, carts held for a while,
+//! checkout, payment, an unpaid checkout and an abandoned cart released by cleanup, and a
+//! refusal explained as JSON.
 //!
 //! Run it with `cargo run --example checkout`.
 
@@ -8,8 +9,8 @@ use std::sync::Arc;
 
 use chrono::{TimeDelta, TimeZone, Utc};
 use stockroom::{
-    NewProduct, OrderConfig, OrderLine, OrderService, ProductId, SqliteStore, StockService,
-    StockStore,
+    CheckoutRequest, NewProduct, OrderConfig, OrderLine, OrderService, ProductId, SqliteStore,
+    StockLine, StockService, StockStore,
 };
 
 const MUG: ProductId = ProductId(1);
@@ -35,17 +36,24 @@ fn main() -> Result<(), Box<dyn Error>> {
     // The clock is explicit: every time-dependent call takes `now`.
     let opened = Utc.with_ymd_and_hms(2026, 11, 26, 9, 0, 0).unwrap();
 
-    step("Cart A: 2 mugs and 1 T-shirt in M go into the cart (available -> reserved)");
-    stock.reserve_stock(MUG, 2, None)?;
-    stock.reserve_stock(SHIRT, 1, Some("M"))?;
+    step("Cart A: 2 mugs and 1 T-shirt in M are held for the cart (available -> reserved)");
+    stock.hold_cart(
+        "cart-A",
+        &[
+            StockLine::new(MUG, None, 2),
+            StockLine::new(SHIRT, Some("M"), 1),
+        ],
+        opened,
+    )?;
     table(&stock)?;
 
     step("Cart A checks out at 09:00: two orders wait for one payment until 09:15");
     let a = orders.checkout(
-        vec![
+        CheckoutRequest::new(vec![
             OrderLine::new(MUG, None, 2, 1_200),
             OrderLine::new(SHIRT, Some("M"), 1, 2_500),
-        ],
+        ])
+        .cart("cart-A"),
         opened,
     )?;
     for order in &a.orders {
@@ -80,16 +88,33 @@ fn main() -> Result<(), Box<dyn Error>> {
     table(&stock)?;
 
     step("Cart B: 2 T-shirts in L, checks out at 09:10 and never pays");
-    stock.reserve_stock(SHIRT, 2, Some("L"))?;
+    let in_b = [StockLine::new(SHIRT, Some("L"), 2)];
+    stock.hold_cart("cart-B", &in_b, opened + TimeDelta::minutes(10))?;
     let b = orders.checkout(
-        vec![OrderLine::new(SHIRT, Some("L"), 2, 2_500)],
+        CheckoutRequest::new(vec![OrderLine::new(SHIRT, Some("L"), 2, 2_500)]).cart("cart-B"),
         opened + TimeDelta::minutes(10),
     )?;
     table(&stock)?;
 
-    step("09:30: the window of cart B has passed; cleanup releases it");
-    let report = orders.cleanup_expired_payments(opened + TimeDelta::minutes(30))?;
-    println!("  report: {}", serde_json::to_string(&report)?);
+    step("Cart C: 3 mugs held at 09:12 (until 09:32), then the shopper walks away");
+    let held = stock.hold_cart(
+        "cart-C",
+        &[StockLine::new(MUG, None, 3)],
+        opened + TimeDelta::minutes(12),
+    )?;
+    println!(
+        "  hold {} expires {}",
+        held[0].id,
+        held[0].expires_at.format("%H:%M")
+    );
+    table(&stock)?;
+
+    step("09:40: cleanup releases cart B's unpaid order and cart C's abandoned hold");
+    let now = opened + TimeDelta::minutes(40);
+    let report = orders.cleanup_expired_payments(now)?;
+    println!("  payments: {}", serde_json::to_string(&report)?);
+    let report = stock.cleanup_expired_holds(now)?;
+    println!("  holds: {}", serde_json::to_string(&report)?);
     let expired = orders.get_order(b.orders[0].id)?;
     println!(
         "  order {} is {} (payment {}): {}",

@@ -26,9 +26,9 @@ use std::thread;
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 
 use crate::{
-    CounterDelta, Error, MAX_QUANTITY, MAX_STOCK, ManualClock, MovementKind, MovementQuery,
-    NewProduct, OrderConfig, OrderId, OrderLine, OrderService, OrderStatus, PaymentStatus,
-    ProductId, StockLevels, StockLine, StockService, StockStore,
+    CheckoutRequest, CounterDelta, Error, HoldStatus, MAX_QUANTITY, MAX_STOCK, ManualClock,
+    MovementKind, MovementQuery, NewProduct, OrderConfig, OrderId, OrderLine, OrderService,
+    OrderStatus, PaymentStatus, ProductId, StockLevels, StockLine, StockService, StockStore,
 };
 
 /// Makes a new, empty store.
@@ -80,6 +80,15 @@ cases![
     failed_operations_write_no_movement,
     movements_read_back_by_time_and_page,
     metrics_match_hand_computed_figures,
+    cart_holds_are_set_changed_and_renewed,
+    cart_hold_is_all_or_none,
+    releasing_a_hold_is_exact_and_idempotent,
+    expired_holds_are_released_once,
+    expired_holds_cleanup_from_two_threads_releases_once,
+    checkout_converts_cart_holds,
+    checkout_of_an_expired_cart_holds_again_or_names_short_lines,
+    hold_expiring_during_checkout_is_used_once,
+    abandoned_cart_metrics,
 ];
 
 /// Panics unless every stock row of `store` equals the sum of its ledger movements.
@@ -1106,7 +1115,7 @@ pub fn cleanup_failure_does_not_stop_others(factory: Factory<'_>) {
     stock.unreserve_stock(SIZED, 1, Some("M")).unwrap();
     let report = orders.cleanup_expired_payments(t0() + minutes(20)).unwrap();
     assert_eq!((report.processed_count, report.failed_count), (2, 1));
-    assert_eq!(report.errors[0].order_id, b.orders[0].id);
+    assert_eq!(report.errors[0].order_id, Some(b.orders[0].id));
     assert_eq!(report.errors[0].error_code, "INSUFFICIENT_RESERVED");
     assert_eq!(
         orders.get_order(a.orders[0].id).unwrap().status,
@@ -1562,4 +1571,473 @@ pub fn metrics_match_hand_computed_figures(factory: Factory<'_>) {
         code(stock.metrics(t0(), t0() - minutes(1))),
         "INVALID_INPUT"
     );
+}
+
+fn sl(product: ProductId, size: Option<&str>, quantity: u64) -> StockLine {
+    StockLine::new(product, size, quantity)
+}
+
+fn hold_kinds(stock: &StockService, product: ProductId) -> Vec<(MovementKind, CounterDelta)> {
+    all_movements(stock, product)
+        .into_iter()
+        .filter(|m| m.kind != MovementKind::Restock)
+        .map(|m| (m.kind, m.delta))
+        .collect()
+}
+
+/// Holding sets each row's held quantity (more takes from available, less gives back),
+/// keeps the rows not named, and renews the whole cart's expiry.
+pub fn cart_holds_are_set_changed_and_renewed(factory: Factory<'_>) {
+    let (stock, _orders, _clock) = clocked(factory);
+    shop(&stock);
+    let holds = stock
+        .hold_cart("cart-1", &[sl(PLAIN, None, 3)], t0())
+        .unwrap();
+    assert_eq!(holds.len(), 1);
+    assert_eq!(holds[0].cart_id, "cart-1");
+    assert_eq!(
+        (holds[0].quantity, holds[0].status),
+        (3, HoldStatus::Active)
+    );
+    assert_eq!(holds[0].expires_at, t0() + minutes(20));
+    assert_eq!(levels(&stock, PLAIN, None), (7, 3, 0));
+
+    let later = t0() + minutes(5);
+    let holds = stock
+        .hold_cart(
+            "cart-1",
+            &[sl(SIZED, Some("M"), 2), sl(PLAIN, None, 5)],
+            later,
+        )
+        .unwrap();
+    assert_eq!(holds.len(), 2);
+    assert!(holds.iter().all(|h| h.expires_at == later + minutes(20)));
+    assert_eq!(levels(&stock, PLAIN, None), (5, 5, 0));
+    assert_eq!(levels(&stock, SIZED, Some("M")), (1, 2, 0));
+
+    // Only M is named: PLAIN keeps its 5, and both are renewed.
+    let latest = t0() + minutes(9);
+    let holds = stock
+        .hold_cart("cart-1", &[sl(SIZED, Some("M"), 1)], latest)
+        .unwrap();
+    let quantities: Vec<_> = holds.iter().map(|h| (h.product_id, h.quantity)).collect();
+    assert_eq!(quantities, [(PLAIN, 5), (SIZED, 1)]);
+    assert!(holds.iter().all(|h| h.expires_at == latest + minutes(20)));
+    assert_eq!(levels(&stock, SIZED, Some("M")), (2, 1, 0));
+    assert_eq!(stock.get_cart("cart-1").unwrap(), holds);
+    assert!(stock.get_cart("cart-2").unwrap().is_empty());
+
+    use MovementKind as K;
+    assert_eq!(
+        hold_kinds(&stock, PLAIN),
+        [(K::Hold, delta(-3, 3, 0)), (K::Hold, delta(-2, 2, 0))]
+    );
+    assert_eq!(
+        hold_kinds(&stock, SIZED),
+        [
+            (K::Hold, delta(-2, 2, 0)),
+            (K::HoldRelease, delta(1, -1, 0))
+        ]
+    );
+    assert!(
+        all_movements(&stock, SIZED)
+            .iter()
+            .filter(|m| m.kind != K::Restock)
+            .all(|m| m.reference.as_deref() == Some("cart-1"))
+    );
+    let b = stock.get_reservation_breakdown(PLAIN, None).unwrap();
+    assert_eq!(
+        (b.held_in_carts, b.awaiting_payment, b.reserved_otherwise),
+        (5, 0, 0)
+    );
+    stock.reserve_stock(PLAIN, 1, None).unwrap();
+    let b = stock.get_reservation_breakdown(PLAIN, None).unwrap();
+    assert_eq!(
+        (
+            b.info.reserved_quantity,
+            b.held_in_carts,
+            b.reserved_otherwise
+        ),
+        (6, 5, 1)
+    );
+
+    // A shorter hold duration.
+    let quick = stock.clone().with_hold_duration(minutes(2));
+    let h = quick
+        .hold_cart("cart-3", &[sl(PLAIN, None, 1)], t0())
+        .unwrap();
+    assert_eq!(h[0].expires_at, t0() + minutes(2));
+}
+
+/// A hold is all lines or none, refused with the same errors and numbers as a
+/// reservation; bad input is refused too.
+pub fn cart_hold_is_all_or_none(factory: Factory<'_>) {
+    let (stock, _orders, _clock) = clocked(factory);
+    shop(&stock);
+    stock
+        .hold_cart("cart-1", &[sl(PLAIN, None, 2)], t0())
+        .unwrap();
+    match stock.hold_cart(
+        "cart-1",
+        &[sl(PLAIN, None, 4), sl(SIZED, Some("M"), 4)],
+        t0() + minutes(1),
+    ) {
+        Err(Error::InsufficientStock {
+            product_id,
+            available,
+            requested,
+            line,
+            ..
+        }) => {
+            assert_eq!(product_id, SIZED);
+            assert_eq!((available, requested, line), (3, 4, Some(1)));
+        }
+        other => panic!("expected INSUFFICIENT_STOCK on line 1, got {other:?}"),
+    }
+    // Nothing changed: not the PLAIN hold, not its expiry.
+    let holds = stock.get_cart("cart-1").unwrap();
+    assert_eq!((holds.len(), holds[0].quantity), (1, 2));
+    assert_eq!(holds[0].expires_at, t0() + minutes(20));
+    assert_eq!(levels(&stock, PLAIN, None), (8, 2, 0));
+    assert_eq!(levels(&stock, SIZED, Some("M")), (3, 0, 0));
+
+    let doubled = [sl(PLAIN, None, 1), sl(PLAIN, None, 1)];
+    assert_eq!(
+        code(stock.hold_cart("cart-1", &doubled, t0())),
+        "INVALID_INPUT"
+    );
+    assert_eq!(
+        code(stock.hold_cart("", &[sl(PLAIN, None, 1)], t0())),
+        "INVALID_LABEL"
+    );
+    assert_eq!(
+        code(stock.hold_cart(&"c".repeat(65), &[sl(PLAIN, None, 1)], t0())),
+        "INVALID_LABEL"
+    );
+    assert_eq!(code(stock.hold_cart("cart-1", &[], t0())), "INVALID_INPUT");
+    assert_eq!(
+        code(stock.hold_cart("cart-1", &[sl(PLAIN, None, 0)], t0())),
+        "INVALID_QUANTITY"
+    );
+    assert_eq!(
+        code(stock.hold_cart("cart-1", &[sl(SIZED, None, 1)], t0())),
+        "SIZE_REQUIRED"
+    );
+    assert_eq!(
+        code(stock.hold_cart("cart-1", &[sl(ProductId(9), None, 1)], t0())),
+        "PRODUCT_NOT_FOUND"
+    );
+    assert_eq!(levels(&stock, PLAIN, None), (8, 2, 0));
+}
+
+/// Releasing a line gives back exactly its units; releasing it again, or a line never
+/// held, changes nothing.
+pub fn releasing_a_hold_is_exact_and_idempotent(factory: Factory<'_>) {
+    let (stock, _orders, _clock) = clocked(factory);
+    shop(&stock);
+    stock
+        .hold_cart(
+            "cart-1",
+            &[sl(PLAIN, None, 4), sl(SIZED, Some("S"), 2)],
+            t0(),
+        )
+        .unwrap();
+    stock
+        .hold_cart("cart-2", &[sl(PLAIN, None, 1)], t0())
+        .unwrap();
+    let released = stock
+        .release_cart_line("cart-1", PLAIN, None)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (released.quantity, released.status),
+        (4, HoldStatus::Released)
+    );
+    assert_eq!(levels(&stock, PLAIN, None), (9, 1, 0));
+    assert_eq!(
+        stock.release_cart_line("cart-1", PLAIN, None).unwrap(),
+        None
+    );
+    assert_eq!(
+        stock.release_cart_line("cart-9", PLAIN, None).unwrap(),
+        None
+    );
+    assert_eq!(levels(&stock, PLAIN, None), (9, 1, 0));
+
+    let all = stock.release_cart("cart-1").unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(levels(&stock, SIZED, Some("S")), (5, 0, 0));
+    assert!(stock.release_cart("cart-1").unwrap().is_empty());
+    assert!(stock.get_cart("cart-1").unwrap().is_empty());
+    // cart-2 untouched.
+    assert_eq!(stock.get_cart("cart-2").unwrap()[0].quantity, 1);
+    // The row can be held again after a release.
+    stock
+        .hold_cart("cart-1", &[sl(PLAIN, None, 2)], t0())
+        .unwrap();
+    assert_eq!(levels(&stock, PLAIN, None), (7, 3, 0));
+}
+
+/// Cleanup gives back the units of holds whose expiry passed, marks them expired, leaves
+/// live holds alone, and a second run finds nothing.
+pub fn expired_holds_are_released_once(factory: Factory<'_>) {
+    let (stock, _orders, _clock) = clocked(factory);
+    shop(&stock);
+    stock
+        .hold_cart("old", &[sl(PLAIN, None, 3), sl(SIZED, Some("S"), 1)], t0())
+        .unwrap();
+    stock
+        .hold_cart("fresh", &[sl(PLAIN, None, 2)], t0() + minutes(10))
+        .unwrap();
+    // At exactly the expiry nothing has expired yet.
+    let report = stock.cleanup_expired_holds(t0() + minutes(20)).unwrap();
+    assert_eq!((report.processed_count, report.failed_count), (0, 0));
+    let report = stock.cleanup_expired_holds(t0() + minutes(25)).unwrap();
+    assert_eq!((report.processed_count, report.failed_count), (2, 0));
+    assert_eq!(levels(&stock, PLAIN, None), (8, 2, 0));
+    assert_eq!(levels(&stock, SIZED, Some("S")), (5, 0, 0));
+    assert!(stock.get_cart("old").unwrap().is_empty());
+    assert_eq!(stock.get_cart("fresh").unwrap()[0].quantity, 2);
+    assert_eq!(stock.release_cart_line("old", PLAIN, None).unwrap(), None);
+    let again = stock.cleanup_expired_holds(t0() + minutes(26)).unwrap();
+    assert_eq!(again.processed_count, 0);
+    let kinds: Vec<_> = hold_kinds(&stock, SIZED)
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(kinds, [MovementKind::Hold, MovementKind::HoldExpire]);
+    assert_eq!(levels(&stock, PLAIN, None), (8, 2, 0));
+}
+
+/// Two threads cleaning up the same expired holds release each exactly once.
+pub fn expired_holds_cleanup_from_two_threads_releases_once(factory: Factory<'_>) {
+    let (stock, _orders, _clock) = clocked(factory);
+    stock
+        .create_product(NewProduct::plain(PLAIN, "Mug", 1_000))
+        .unwrap();
+    for i in 0..700 {
+        stock
+            .hold_cart(&format!("cart-{i}"), &[sl(PLAIN, None, 1)], t0())
+            .unwrap();
+    }
+    let barrier = Arc::new(Barrier::new(2));
+    let handles: Vec<_> = (0..2)
+        .map(|_| {
+            let stock = stock.clone();
+            let barrier = Arc::clone(&barrier);
+            thread::spawn(move || {
+                barrier.wait();
+                stock.cleanup_expired_holds(t0() + minutes(30)).unwrap()
+            })
+        })
+        .collect();
+    let total: usize = handles
+        .into_iter()
+        .map(|h| h.join().unwrap().processed_count)
+        .sum();
+    assert_eq!(total, 700);
+    assert_eq!(levels(&stock, PLAIN, None), (1_000, 0, 0));
+}
+
+/// A checkout with a cart turns its holds into the orders' reservations in the same
+/// transaction: the counters do not move, the holds become converted, and the ledger
+/// ties each conversion to its order.
+pub fn checkout_converts_cart_holds(factory: Factory<'_>) {
+    let (stock, orders, _clock) = clocked(factory);
+    shop(&stock);
+    stock
+        .hold_cart(
+            "cart-1",
+            &[sl(PLAIN, None, 3), sl(SIZED, Some("M"), 2)],
+            t0(),
+        )
+        .unwrap();
+    let request = CheckoutRequest::new(vec![
+        line(PLAIN, None, 2, 100),
+        line(SIZED, Some("M"), 2, 300),
+    ])
+    .cart("cart-1");
+    let checkout = orders.checkout(request, t0() + minutes(5)).unwrap();
+    assert_eq!(levels(&stock, PLAIN, None), (7, 3, 0));
+    assert_eq!(levels(&stock, SIZED, Some("M")), (1, 2, 0));
+    // One PLAIN unit is still held for the cart; M is fully converted.
+    let left = stock.get_cart("cart-1").unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!((left[0].product_id, left[0].quantity), (PLAIN, 1));
+    let b = stock.get_reservation_breakdown(PLAIN, None).unwrap();
+    assert_eq!(
+        (b.held_in_carts, b.awaiting_payment, b.reserved_otherwise),
+        (1, 2, 0)
+    );
+    let m = stock.get_reservation_breakdown(SIZED, Some("M")).unwrap();
+    assert_eq!((m.held_in_carts, m.awaiting_payment), (0, 2));
+    let convert = all_movements(&stock, SIZED)
+        .into_iter()
+        .find(|m| m.kind == MovementKind::HoldConvert)
+        .unwrap();
+    assert_eq!(convert.delta, CounterDelta::default());
+    assert_eq!(convert.order_id, Some(checkout.orders[1].id));
+    assert_eq!(convert.reference.as_deref(), Some("cart-1"));
+    // Cleanup of holds does not touch converted units; payment sells them.
+    let report = stock.cleanup_expired_holds(t0() + minutes(60)).unwrap();
+    assert_eq!(
+        report.processed_count, 1,
+        "only the one PLAIN unit still held"
+    );
+    orders
+        .confirm_payment_for_orders(
+            &checkout.payment_hash,
+            &checkout.payment_key,
+            t0() + minutes(6),
+        )
+        .unwrap();
+    assert_eq!(levels(&stock, PLAIN, None), (8, 0, 2));
+    assert_eq!(levels(&stock, SIZED, Some("M")), (1, 0, 2));
+}
+
+/// A cart whose hold expired and was released checks out by holding again when the
+/// stock is still there; when it is gone the error names the short line with numbers,
+/// and nothing is created.
+pub fn checkout_of_an_expired_cart_holds_again_or_names_short_lines(factory: Factory<'_>) {
+    let (stock, orders, _clock) = clocked(factory);
+    shop(&stock);
+    stock
+        .hold_cart("cart-1", &[sl(PLAIN, None, 2)], t0())
+        .unwrap();
+    stock
+        .hold_cart("cart-2", &[sl(SIZED, Some("S"), 3)], t0())
+        .unwrap();
+    stock.cleanup_expired_holds(t0() + minutes(30)).unwrap();
+    assert_eq!(levels(&stock, PLAIN, None), (10, 0, 0));
+
+    let back = orders
+        .checkout(
+            CheckoutRequest::new(vec![line(PLAIN, None, 2, 100)]).cart("cart-1"),
+            t0() + minutes(31),
+        )
+        .unwrap();
+    assert_eq!(levels(&stock, PLAIN, None), (8, 2, 0));
+    assert_eq!(
+        orders.get_order(back.orders[0].id).unwrap().status,
+        OrderStatus::UnderPaying
+    );
+
+    // Meanwhile somebody bought S shirts: only 1 of the 3 is left.
+    stock.confirm_stock_sale(SIZED, 4, Some("S")).unwrap();
+    let request = CheckoutRequest::new(vec![
+        line(PLAIN, None, 1, 100),
+        line(SIZED, Some("S"), 3, 100),
+    ])
+    .cart("cart-2");
+    match orders.checkout(request, t0() + minutes(31)) {
+        Err(Error::InsufficientStock {
+            product_id,
+            size,
+            available,
+            requested,
+            line,
+        }) => {
+            assert_eq!((product_id, size.as_deref()), (SIZED, Some("S")));
+            assert_eq!((available, requested, line), (1, 3, Some(1)));
+        }
+        other => panic!("expected INSUFFICIENT_STOCK, got {other:?}"),
+    }
+    assert_eq!(levels(&stock, PLAIN, None), (8, 2, 0));
+    assert_eq!(levels(&stock, SIZED, Some("S")), (1, 0, 4));
+    assert_eq!(
+        code(orders.get_order(OrderId(back.orders[0].id.0 + 1))),
+        "ORDER_NOT_FOUND"
+    );
+    // A hold that expired but was not cleaned up yet still holds its units.
+    stock
+        .hold_cart("cart-3", &[sl(SIZED, Some("M"), 3)], t0())
+        .unwrap();
+    stock.confirm_stock_sale(SIZED, 3, Some("S")).unwrap_err();
+    let late = orders
+        .checkout(
+            CheckoutRequest::new(vec![line(SIZED, Some("M"), 3, 100)]).cart("cart-3"),
+            t0() + minutes(45),
+        )
+        .unwrap();
+    assert_eq!(late.orders.len(), 1);
+    assert_eq!(levels(&stock, SIZED, Some("M")), (0, 3, 0));
+    assert!(stock.get_cart("cart-3").unwrap().is_empty());
+    assert_eq!(
+        stock
+            .cleanup_expired_holds(t0() + minutes(50))
+            .unwrap()
+            .processed_count,
+        0
+    );
+    assert_eq!(levels(&stock, SIZED, Some("M")), (0, 3, 0));
+}
+
+/// A hold that expires while its checkout runs is used exactly once: either the
+/// checkout converts it (and cleanup finds nothing) or cleanup releases it first (and
+/// the checkout takes the units again from available). Never both, never neither.
+pub fn hold_expiring_during_checkout_is_used_once(factory: Factory<'_>) {
+    let (stock, orders, _clock) = clocked(factory);
+    stock
+        .create_product(NewProduct::plain(PLAIN, "Mug", 400))
+        .unwrap();
+    let rounds = 40;
+    for i in 0..rounds {
+        let cart = format!("cart-{i}");
+        stock.hold_cart(&cart, &[sl(PLAIN, None, 2)], t0()).unwrap();
+        let barrier = Arc::new(Barrier::new(2));
+        let checkout = {
+            let orders = orders.clone();
+            let barrier = Arc::clone(&barrier);
+            thread::spawn(move || {
+                barrier.wait();
+                let request = CheckoutRequest::new(vec![line(PLAIN, None, 2, 100)]).cart(cart);
+                orders.checkout(request, t0() + minutes(21)).unwrap()
+            })
+        };
+        let cleanup = {
+            let stock = stock.clone();
+            thread::spawn(move || {
+                barrier.wait();
+                stock.cleanup_expired_holds(t0() + minutes(21)).unwrap()
+            })
+        };
+        checkout.join().unwrap();
+        let released = cleanup.join().unwrap().processed_count;
+        assert!(released <= 1);
+    }
+    // Every round left exactly one order of 2 units reserved, whoever won.
+    assert_eq!(
+        levels(&stock, PLAIN, None),
+        (400 - 2 * rounds, 2 * rounds, 0)
+    );
+    let b = stock.get_reservation_breakdown(PLAIN, None).unwrap();
+    assert_eq!((b.held_in_carts, b.awaiting_payment), (0, 2 * rounds));
+}
+
+/// Metrics count held units and abandoned (expired) ones.
+pub fn abandoned_cart_metrics(factory: Factory<'_>) {
+    let (stock, orders, _clock) = clocked(factory);
+    shop(&stock);
+    stock.hold_cart("a", &[sl(PLAIN, None, 2)], t0()).unwrap();
+    stock.hold_cart("b", &[sl(PLAIN, None, 3)], t0()).unwrap();
+    stock
+        .hold_cart("c", &[sl(SIZED, Some("S"), 1)], t0())
+        .unwrap();
+    orders
+        .checkout(
+            CheckoutRequest::new(vec![line(PLAIN, None, 2, 100)]).cart("a"),
+            t0(),
+        )
+        .unwrap();
+    stock.release_cart("c").unwrap();
+    stock.cleanup_expired_holds(t0() + minutes(30)).unwrap();
+    let m = stock.metrics(t0(), t0() + minutes(1)).unwrap();
+    let o = m.overall;
+    assert_eq!(
+        (o.units_held, o.units_hold_expired, o.units_released),
+        (6, 3, 1)
+    );
+    assert_eq!(o.abandoned_cart_rate, Some(0.5));
+    assert_eq!(o.units_reserved, 6);
+    assert_eq!(o.reserved_now, 2);
 }

@@ -90,17 +90,19 @@ pub mod conformance;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, Result, ShortLine};
 pub use model::{
-    Availability, CounterDelta, InitialStock, KindTotal, LedgerMismatch, LedgerReport,
-    MAX_LABEL_LEN, MAX_NAME_LEN, MAX_QUANTITY, MAX_STOCK, MovementKind, MovementQuery, NewMovement,
-    NewOrder, NewProduct, Order, OrderId, OrderStatus, Payment, PaymentStatus, Product, ProductId,
-    StockCount, StockCountRecord, StockInfo, StockLevels, StockLine, StockMovement,
+    Availability, CounterDelta, Hold, HoldId, HoldStatus, InitialStock, KindTotal, LedgerMismatch,
+    LedgerReport, MAX_LABEL_LEN, MAX_NAME_LEN, MAX_QUANTITY, MAX_STOCK, MovementKind,
+    MovementQuery, NewHold, NewMovement, NewOrder, NewProduct, Order, OrderId, OrderStatus,
+    Payment, PaymentStatus, Product, ProductId, ReservationBreakdown, StockCount, StockCountRecord,
+    StockInfo, StockLevels, StockLine, StockMovement,
 };
+pub use service::cleanup::{CleanupFailure, CleanupReport};
 pub use service::ledger::{MetricsFigures, ProductMetrics, StockAccuracy, StockMetrics};
 pub use service::order::{
-    Checkout, CheckoutRequest, CleanupFailure, CleanupReport, MAX_CHECKOUT_LINES, MAX_UNIT_PRICE,
-    OrderConfig, OrderLine, OrderService,
+    Checkout, CheckoutRequest, MAX_CHECKOUT_LINES, MAX_UNIT_PRICE, OrderConfig, OrderLine,
+    OrderService,
 };
-pub use service::stock::StockService;
+pub use service::stock::{DEFAULT_HOLD_DURATION, StockService};
 pub use store::memory::MemoryStore;
 #[cfg(feature = "sqlite")]
 pub use store::sqlite::{Durability, SqliteConfig, SqliteStore};

@@ -725,3 +725,127 @@ impl LedgerReport {
         self.mismatches.is_empty()
     }
 }
+
+/// A cart hold's id, assigned by the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct HoldId(pub i64);
+
+impl fmt::Display for HoldId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Where a cart hold stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HoldStatus {
+    /// Its units are reserved for the cart.
+    Active,
+    /// The shop released it; its units went back to available.
+    Released,
+    /// It expired and cleanup gave its units back.
+    Expired,
+    /// A checkout turned it into orders.
+    Converted,
+}
+
+impl HoldStatus {
+    /// The stored name: `active`, `released`, `expired` or `converted`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            HoldStatus::Active => "active",
+            HoldStatus::Released => "released",
+            HoldStatus::Expired => "expired",
+            HoldStatus::Converted => "converted",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "active" => HoldStatus::Active,
+            "released" => HoldStatus::Released,
+            "expired" => HoldStatus::Expired,
+            "converted" => HoldStatus::Converted,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for HoldStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Units of one stock row held for a cart until an expiry: see
+/// [`StockService::hold_cart`](crate::StockService::hold_cart).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Hold {
+    /// Assigned by the store.
+    pub id: HoldId,
+    /// The shop's cart id.
+    pub cart_id: String,
+    /// The product.
+    pub product_id: ProductId,
+    /// The size, for a product with sizes.
+    pub size: Option<String>,
+    /// Units held now (what is left after a partial checkout).
+    pub quantity: u64,
+    /// Where it stands.
+    pub status: HoldStatus,
+    /// When it was first made.
+    pub created_at: DateTime<Utc>,
+    /// When it expires unless the cart is held again.
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A hold as the service hands it to the store, before the store assigns its id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NewHold {
+    /// The shop's cart id.
+    pub cart_id: String,
+    /// The product.
+    pub product_id: ProductId,
+    /// The size.
+    pub size: Option<String>,
+    /// Units held.
+    pub quantity: u64,
+    /// When it was made.
+    pub created_at: DateTime<Utc>,
+    /// When it expires.
+    pub expires_at: DateTime<Utc>,
+}
+
+impl NewHold {
+    /// The hold the store keeps, with the id it assigned, `active`.
+    pub fn into_hold(self, id: HoldId) -> Hold {
+        Hold {
+            id,
+            cart_id: self.cart_id,
+            product_id: self.product_id,
+            size: self.size,
+            quantity: self.quantity,
+            status: HoldStatus::Active,
+            created_at: self.created_at,
+            expires_at: self.expires_at,
+        }
+    }
+}
+
+/// How a stock row's reserved units are spoken for: see
+/// [`StockService::get_reservation_breakdown`](crate::StockService::get_reservation_breakdown).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ReservationBreakdown {
+    /// The row's counters.
+    pub info: StockInfo,
+    /// Units held in active cart holds.
+    pub held_in_carts: u64,
+    /// Units of orders waiting for payment (`under_paying`).
+    pub awaiting_payment: u64,
+    /// The rest of `reserved`: units reserved with `reserve_stock` by a shop that tracks
+    /// carts itself.
+    pub reserved_otherwise: u64,
+}

@@ -90,6 +90,15 @@ macro_rules! backend {
             case!(failed_operations_write_no_movement);
             case!(movements_read_back_by_time_and_page);
             case!(metrics_match_hand_computed_figures);
+            case!(cart_holds_are_set_changed_and_renewed);
+            case!(cart_hold_is_all_or_none);
+            case!(releasing_a_hold_is_exact_and_idempotent);
+            case!(expired_holds_are_released_once);
+            case!(expired_holds_cleanup_from_two_threads_releases_once);
+            case!(checkout_converts_cart_holds);
+            case!(checkout_of_an_expired_cart_holds_again_or_names_short_lines);
+            case!(hold_expiring_during_checkout_is_used_once);
+            case!(abandoned_cart_metrics);
 
             /// The list above and the suite's own list name the same cases.
             #[test]

@@ -62,12 +62,23 @@ fn checkout_example_tells_the_whole_story() {
         "T-shirt L 0 2 0",
         "cart B's reservation"
     );
-    assert!(out.contains("report: {\"processed_count\":1,\"failed_count\":0,\"errors\":[]}"));
+    assert_eq!(
+        table_after(&out, "Cart C")[0],
+        "Mug - 5 3 2",
+        "cart C's hold"
+    );
+    assert!(out.contains("payments: {\"processed_count\":1,\"failed_count\":0,\"errors\":[]}"));
+    assert!(out.contains("holds: {\"processed_count\":1,\"failed_count\":0,\"errors\":[]}"));
+    assert_eq!(
+        table_after(&out, "09:40")[0],
+        "Mug - 8 0 2",
+        "cart C gave its mugs back"
+    );
     assert!(out.contains(
         "is cancelled (payment expired): Payment expired at 2026-11-26 09:25:00 UTC. \
          Stock unreserved automatically."
     ));
-    assert_eq!(table_after(&out, "09:30")[1], "T-shirt L 2 0 0");
+    assert_eq!(table_after(&out, "09:40")[1], "T-shirt L 2 0 0");
     assert!(out.contains("\"error_code\": \"INSUFFICIENT_STOCK\""));
     assert!(out.contains("\"available_quantity\": 2"));
     assert!(out.contains("\"requested_quantity\": 5"));

@@ -48,7 +48,7 @@ fn a_new_file_is_migrated_to_the_latest_schema_in_wal_mode() {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
     let mode: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .unwrap();
@@ -63,6 +63,7 @@ fn a_new_file_is_migrated_to_the_latest_schema_in_wal_mode() {
     assert_eq!(
         tables,
         [
+            "cart_holds",
             "orders",
             "payments",
             "products",
@@ -83,7 +84,7 @@ fn a_database_from_a_newer_version_is_refused() {
         .execute_batch("PRAGMA user_version = 99")
         .unwrap();
     match SqliteStore::open(&path) {
-        Err(Error::SchemaTooNew { found, supported }) => assert_eq!((found, supported), (99, 2)),
+        Err(Error::SchemaTooNew { found, supported }) => assert_eq!((found, supported), (99, 3)),
         other => panic!("expected SCHEMA_TOO_NEW, got {other:?}"),
     }
 }
@@ -321,5 +322,50 @@ fn the_ledger_is_append_only_in_the_file() {
         let err = conn.execute(sql, []).unwrap_err();
         assert!(err.to_string().contains("append-only"), "{sql}: {err}");
     }
+    assert!(stock.verify_ledger().unwrap().is_consistent());
+}
+
+#[test]
+fn an_older_database_is_migrated_step_by_step_keeping_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stock.db");
+    {
+        let stock = service(SqliteStore::open(&path).unwrap());
+        stock
+            .create_product(NewProduct::plain(MUG, "Mug", 10))
+            .unwrap();
+    }
+    // Turn the file back into what version 1 wrote: no ledger, no counts, no holds.
+    Connection::open(&path)
+        .unwrap()
+        .execute_batch(
+            "DROP TABLE cart_holds; DROP INDEX orders_awaiting_by_row;
+             DROP TABLE stock_counts; DROP TABLE stock_movements;
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+    let stock = service(SqliteStore::open(&path).unwrap());
+    let version: i64 = Connection::open(&path)
+        .unwrap()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 3);
+    assert_eq!(levels(&stock), (10, 0, 0));
+    // The ledger starts from an opening balance, so it adds up from the first day.
+    let opening = stock
+        .movements(&stockroom::MovementQuery::product(MUG))
+        .unwrap();
+    assert_eq!(opening.len(), 1);
+    assert_eq!(opening[0].reference.as_deref(), Some("opening balance"));
+    assert_eq!(opening[0].delta.available, 10);
+    assert!(stock.verify_ledger().unwrap().is_consistent());
+    stock
+        .hold_cart(
+            "cart",
+            &[stockroom::StockLine::new(MUG, None, 2)],
+            chrono::Utc::now(),
+        )
+        .unwrap();
+    assert_eq!(levels(&stock), (8, 2, 0));
     assert!(stock.verify_ledger().unwrap().is_consistent());
 }

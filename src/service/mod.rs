@@ -1,5 +1,7 @@
 //! The rules, written once over any [`StockStore`](crate::StockStore).
 
+pub(crate) mod cleanup;
+pub(crate) mod hold;
 pub(crate) mod ledger;
 pub(crate) mod order;
 pub(crate) mod stock;
@@ -262,6 +264,7 @@ impl Cause {
 /// The stock rows of a multi-row unit, loaded in ascending (product, size) order so that
 /// two units never wait for each other's rows in opposite orders; then changed in memory,
 /// and written back once each together with one ledger movement per change.
+#[derive(Clone)]
 pub(crate) struct LockedRows {
     rows: BTreeMap<RowKey, (StockLevels, bool)>,
     at: DateTime<Utc>,

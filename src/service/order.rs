@@ -13,10 +13,12 @@ use crate::model::{
     MAX_LABEL_LEN, MAX_QUANTITY, MovementKind, NewOrder, Order, OrderId, OrderStatus, Payment,
     PaymentStatus, ProductId,
 };
+use crate::service::cleanup::{self, Batch, CleanupFailure, CleanupReport, Cursor, Expiring};
+use crate::service::hold::{check_cart_id, convert_holds};
 use crate::service::{
     Cause, LockedRows, Movement, RowName, check_label, check_quantity, check_size,
 };
-use crate::store::{StockStore, StockTx, StoreExt};
+use crate::store::{StockRead, StockStore, StockTx, StoreExt};
 
 /// The largest unit price, in minor currency units: ten billion (a hundred million in a
 /// currency with cents).
@@ -108,15 +110,24 @@ impl OrderLine {
     }
 }
 
-/// What to check out: the lines, and the shop's reference for the customer.
+/// What to check out: the lines, the shop's reference for the customer, and the cart
+/// whose holds become the orders' reservations.
 ///
-/// `Vec<OrderLine>` converts into it, for a checkout without a customer reference.
+/// `Vec<OrderLine>` converts into it, for a checkout of units reserved with
+/// [`StockService::reserve_stock`](crate::StockService::reserve_stock) and no customer
+/// reference.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct CheckoutRequest {
     /// The lines, one order each.
     pub lines: Vec<OrderLine>,
     /// Passed through to every order untouched (at most 64 bytes).
     pub customer_ref: Option<String>,
+    /// The cart held with [`StockService::hold_cart`](crate::StockService::hold_cart):
+    /// each line takes its units from the cart's hold on its row, and what the hold lacks
+    /// (it expired and cleanup released it, or it held fewer) is taken from available,
+    /// or the checkout is refused with the short line's numbers. Without a cart, each
+    /// line's units must be reserved already.
+    pub cart_id: Option<String>,
 }
 
 impl CheckoutRequest {
@@ -125,7 +136,14 @@ impl CheckoutRequest {
         CheckoutRequest {
             lines,
             customer_ref: None,
+            cart_id: None,
         }
+    }
+
+    /// The same request, converting the holds of `cart_id`.
+    pub fn cart(mut self, cart_id: impl Into<String>) -> Self {
+        self.cart_id = Some(cart_id.into());
+        self
     }
 
     /// The same request with a customer reference.
@@ -170,28 +188,6 @@ impl fmt::Debug for Checkout {
             .field("orders", &self.orders)
             .finish()
     }
-}
-
-/// One order that cleanup could not release.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
-pub struct CleanupFailure {
-    /// The order.
-    pub order_id: OrderId,
-    /// The error's code.
-    pub error_code: &'static str,
-    /// The error's message.
-    pub error: String,
-}
-
-/// What [`OrderService::cleanup_expired_payments`] did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
-pub struct CleanupReport {
-    /// Orders cancelled and released.
-    pub processed_count: usize,
-    /// Orders that could not be released; they stay `under_paying`.
-    pub failed_count: usize,
-    /// Each failure.
-    pub errors: Vec<CleanupFailure>,
 }
 
 /// Order rules: checkout with a payment window, payment confirmation, cancellation and
@@ -358,19 +354,27 @@ impl OrderService {
             paid_at: None,
         };
         let customer_ref = request.customer_ref;
+        let cart_id = request.cart_id;
+        if let Some(cart) = &cart_id {
+            check_cart_id(cart)?;
+        }
         let unit_payment = payment.clone();
         let at = self.stamp();
         let orders = self.store.write_with(move |tx| {
             let keys = lines.iter().map(|l| (l.product_id, l.size.as_deref()));
             let mut rows = LockedRows::load(tx, keys, at)?;
-            // Each line must find its units reserved; lines for one row add up. The
-            // counters themselves do not move at checkout, so `rows` is never stored.
-            let none = Cause::default();
-            for (i, line) in lines.iter().enumerate() {
-                let size = line.size.as_deref();
-                let (kind, product) = (MovementKind::Release, line.product_id);
-                rows.apply(Movement::Release, kind, &none, product, size, line.quantity)
-                    .map_err(|e| e.at_line(i))?;
+            if cart_id.is_none() {
+                // Each line must find its units reserved; lines for one row add up.
+                // The counters do not move, so this copy of the rows is never stored.
+                let mut check = rows.clone();
+                let none = Cause::default();
+                for (i, line) in lines.iter().enumerate() {
+                    let size = line.size.as_deref();
+                    let (kind, product) = (MovementKind::Release, line.product_id);
+                    check
+                        .apply(Movement::Release, kind, &none, product, size, line.quantity)
+                        .map_err(|e| e.at_line(i))?;
+                }
             }
             tx.insert_payment(&unit_payment)?;
             let mut orders = Vec::with_capacity(lines.len());
@@ -387,6 +391,17 @@ impl OrderService {
                 };
                 let id = tx.insert_order(&new)?;
                 orders.push(new.into_order(id));
+            }
+            if let Some(cart) = &cart_id {
+                // The cart's holds become the orders' reservations in this same unit:
+                // there is no moment when the units are free.
+                let wanted: Vec<_> = lines
+                    .iter()
+                    .map(|l| (l.product_id, l.size.clone(), l.quantity))
+                    .collect();
+                let causes: Vec<Cause> = orders.iter().map(Cause::order).collect();
+                convert_holds(tx, &mut rows, cart, &wanted, &causes)?;
+                rows.store(tx)?;
             }
             Ok(orders)
         });
@@ -634,63 +649,9 @@ impl OrderService {
     /// the expired orders cannot even be listed.
     pub fn cleanup_expired_payments(&self, now: DateTime<Utc>) -> Result<CleanupReport> {
         let now = normalize(now);
-        let limit = self.config.cleanup_batch_size.max(1);
-        let mut report = CleanupReport::default();
-        let mut cursor: Option<(DateTime<Utc>, OrderId)> = None;
-        loop {
-            let after = cursor;
-            let at = self.stamp();
-            let batch = self.store.write_with(move |tx| {
-                let orders = tx.expired_orders(now, after, limit)?;
-                let seen = orders.len();
-                let last = orders.last().map(|o| (o.payment_expires_at, o.id));
-                let outcome = expire_orders(tx, orders, at)?;
-                Ok((seen, last, outcome))
-            });
-            let (seen, last) = match batch {
-                Ok((seen, last, outcome)) => {
-                    record(&mut report, outcome);
-                    (seen, last)
-                }
-                Err(e) => {
-                    // The batch rolled back as a whole: go through its orders one by one,
-                    // so that one bad order does not hold back the others.
-                    log::warn!("Cleanup batch failed ({e}); retrying its orders one by one");
-                    let orders = self
-                        .store
-                        .read_with(|tx| tx.expired_orders(now, after, limit))?;
-                    let seen = orders.len();
-                    let last = orders.last().map(|o| (o.payment_expires_at, o.id));
-                    for order in orders {
-                        let id = order.id;
-                        let single = self.store.write_with(move |tx| match tx.order(id)? {
-                            Some(o) if o.status == OrderStatus::UnderPaying => {
-                                expire_orders(tx, vec![o], at)
-                            }
-                            _ => Ok(Expired::default()),
-                        });
-                        match single {
-                            Ok(outcome) => record(&mut report, outcome),
-                            Err(e) => record_failure(&mut report, id, &e),
-                        }
-                    }
-                    (seen, last)
-                }
-            };
-            cursor = last;
-            if seen < limit {
-                break;
-            }
-        }
-        if report.processed_count > 0 || report.failed_count > 0 {
-            log::info!(
-                "Cleanup at {}: {} expired order(s) released, {} failed",
-                when(now),
-                report.processed_count,
-                report.failed_count
-            );
-        }
-        Ok(report)
+        cleanup::run::<Order>(&*self.store, now, self.config.cleanup_batch_size, || {
+            self.stamp()
+        })
     }
 
     /// The order with this id.
@@ -717,43 +678,60 @@ impl OrderService {
     }
 }
 
-/// What one expiry transaction did.
-#[derive(Default)]
-struct Expired {
-    released: Vec<Order>,
-    failed: Vec<(OrderId, Error)>,
-}
+impl Expiring for Order {
+    const NAME: &'static str = "order";
 
-fn record(report: &mut CleanupReport, outcome: Expired) {
-    for order in &outcome.released {
-        let row = RowName(order.product_id, order.size.as_deref());
+    fn cursor(&self) -> (DateTime<Utc>, i64) {
+        (self.payment_expires_at, self.id.0)
+    }
+
+    fn failure(&self, e: &Error) -> CleanupFailure {
+        CleanupFailure {
+            order_id: Some(self.id),
+            hold_id: None,
+            error_code: e.code(),
+            error: e.to_string(),
+        }
+    }
+
+    fn select(
+        tx: &mut dyn StockRead,
+        now: DateTime<Utc>,
+        after: Cursor,
+        limit: usize,
+    ) -> Result<Vec<Self>> {
+        tx.expired_orders(now, after.map(|(t, id)| (t, OrderId(id))), limit)
+    }
+
+    fn reload(&self, tx: &mut dyn StockTx) -> Result<Option<Self>> {
+        Ok(tx
+            .order(self.id)?
+            .filter(|o| o.status == OrderStatus::UnderPaying))
+    }
+
+    fn expire(tx: &mut dyn StockTx, items: Vec<Self>, at: DateTime<Utc>) -> Result<Batch<Self>> {
+        expire_orders(tx, items, at)
+    }
+
+    fn log_released(&self) {
+        let row = RowName(self.product_id, self.size.as_deref());
         log::info!(
             "Order {} expired: {}",
-            order.id,
-            Movement::Release.describe(order.quantity, &row)
+            self.id,
+            Movement::Release.describe(self.quantity, &row)
         );
     }
-    report.processed_count += outcome.released.len();
-    for (id, e) in &outcome.failed {
-        record_failure(report, *id, e);
-    }
-}
-
-fn record_failure(report: &mut CleanupReport, order_id: OrderId, e: &Error) {
-    log::error!("Cleanup failed for order {order_id}: {e}");
-    report.failed_count += 1;
-    report.errors.push(CleanupFailure {
-        order_id,
-        error_code: e.code(),
-        error: e.to_string(),
-    });
 }
 
 /// Releases the stock of `orders` (all `under_paying`, loaded in this unit) and cancels
 /// them as expired. An order whose release is refused is reported and left untouched;
 /// the others go on.
-fn expire_orders(tx: &mut dyn StockTx, orders: Vec<Order>, at: DateTime<Utc>) -> Result<Expired> {
-    let mut outcome = Expired::default();
+fn expire_orders(
+    tx: &mut dyn StockTx,
+    orders: Vec<Order>,
+    at: DateTime<Utc>,
+) -> Result<Batch<Order>> {
+    let mut outcome = Batch::default();
     if orders.is_empty() {
         return Ok(outcome);
     }
@@ -772,7 +750,7 @@ fn expire_orders(tx: &mut dyn StockTx, orders: Vec<Order>, at: DateTime<Utc>) ->
             size,
             order.quantity,
         ) {
-            outcome.failed.push((order.id, e));
+            outcome.failed.push((order, e));
             continue;
         }
         order.status = OrderStatus::Cancelled;

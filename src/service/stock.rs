@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 
 use crate::clock::{Clock, SystemClock, normalize};
 use crate::error::{Error, Result};
@@ -49,7 +49,11 @@ pub struct StockService {
     store: Arc<dyn StockStore>,
     clock: Arc<dyn Clock>,
     reference: Option<String>,
+    pub(crate) hold_duration: TimeDelta,
 }
+
+/// How long a cart hold lasts unless the cart is held again: 20 minutes by default.
+pub const DEFAULT_HOLD_DURATION: TimeDelta = TimeDelta::minutes(20);
 
 impl StockService {
     /// A service over `store`, stamping ledger rows with the system clock.
@@ -58,7 +62,15 @@ impl StockService {
             store,
             clock: Arc::new(SystemClock),
             reference: None,
+            hold_duration: DEFAULT_HOLD_DURATION,
         }
+    }
+
+    /// The same service with another cart hold duration (see
+    /// [`hold_cart`](Self::hold_cart)); [`DEFAULT_HOLD_DURATION`] otherwise.
+    pub fn with_hold_duration(mut self, duration: TimeDelta) -> Self {
+        self.hold_duration = duration;
+        self
     }
 
     /// The same service stamping ledger rows and stock counts with `clock`.
@@ -94,7 +106,7 @@ impl StockService {
         normalize(self.clock.now())
     }
 
-    fn cause(&self) -> Result<Cause> {
+    pub(crate) fn cause(&self) -> Result<Cause> {
         if let Some(r) = &self.reference {
             check_label("reference", r, MAX_LABEL_LEN)?;
         }

@@ -8,8 +8,9 @@ use chrono::{DateTime, Utc};
 
 use crate::error::{Error, Result};
 use crate::model::{
-    CounterDelta, KindTotal, MovementKind, MovementQuery, NewMovement, NewOrder, Order, OrderId,
-    OrderStatus, Payment, Product, ProductId, StockCountRecord, StockLevels, StockMovement,
+    CounterDelta, Hold, HoldId, HoldStatus, KindTotal, MovementKind, MovementQuery, NewHold,
+    NewMovement, NewOrder, Order, OrderId, OrderStatus, Payment, Product, ProductId,
+    StockCountRecord, StockLevels, StockMovement,
 };
 use crate::store::{LedgerBalance, ReadUnit, StockRead, StockRow, StockStore, StockTx, WriteUnit};
 
@@ -66,6 +67,8 @@ struct State {
     /// The ledger: a movement's id is its index plus one.
     movements: Vec<StockMovement>,
     counts: Vec<StockCountRecord>,
+    holds: BTreeMap<HoldId, Hold>,
+    last_hold_id: i64,
 }
 
 /// What to put back when a write unit fails.
@@ -79,6 +82,8 @@ enum Undo {
     OrderUpdated(Order),
     MovementInserted,
     CountInserted,
+    HoldInserted(HoldId, i64),
+    HoldUpdated(Hold),
 }
 
 struct MemoryTx<'a> {
@@ -122,6 +127,13 @@ impl MemoryTx<'_> {
                 }
                 Undo::CountInserted => {
                     state.counts.pop();
+                }
+                Undo::HoldInserted(id, last) => {
+                    state.holds.remove(&id);
+                    state.last_hold_id = last;
+                }
+                Undo::HoldUpdated(old) => {
+                    state.holds.insert(old.id, old);
                 }
             }
         }
@@ -245,6 +257,58 @@ impl StockRead for MemoryTx<'_> {
                 delta,
             })
             .collect())
+    }
+
+    fn cart_holds(&mut self, cart_id: &str) -> Result<Vec<Hold>> {
+        Ok(self
+            .state
+            .holds
+            .values()
+            .filter(|h| h.status == HoldStatus::Active && h.cart_id == cart_id)
+            .cloned()
+            .collect())
+    }
+
+    fn expired_holds(
+        &mut self,
+        now: DateTime<Utc>,
+        after: Option<(DateTime<Utc>, HoldId)>,
+        limit: usize,
+    ) -> Result<Vec<Hold>> {
+        let mut expired: Vec<&Hold> = self
+            .state
+            .holds
+            .values()
+            .filter(|h| h.status == HoldStatus::Active && h.expires_at < now)
+            .filter(|h| after.is_none_or(|a| (h.expires_at, h.id) > a))
+            .collect();
+        expired.sort_by_key(|h| (h.expires_at, h.id));
+        Ok(expired.into_iter().take(limit).cloned().collect())
+    }
+
+    fn reservation_breakdown(
+        &mut self,
+        product: ProductId,
+        size: Option<&str>,
+    ) -> Result<(u64, u64)> {
+        let row = |p: ProductId, s: Option<&str>| p == product && s == size;
+        let held = self
+            .state
+            .holds
+            .values()
+            .filter(|h| h.status == HoldStatus::Active && row(h.product_id, h.size.as_deref()))
+            .map(|h| h.quantity)
+            .sum();
+        let awaiting = self
+            .state
+            .orders
+            .values()
+            .filter(|o| {
+                o.status == OrderStatus::UnderPaying && row(o.product_id, o.size.as_deref())
+            })
+            .map(|o| o.quantity)
+            .sum();
+        Ok((held, awaiting))
     }
 
     fn stock_counts(
@@ -382,6 +446,49 @@ impl StockTx for MemoryTx<'_> {
     fn insert_stock_count(&mut self, count: &StockCountRecord) -> Result<()> {
         self.state.counts.push(count.clone());
         self.undo.push(Undo::CountInserted);
+        Ok(())
+    }
+
+    fn insert_hold(&mut self, hold: &NewHold) -> Result<HoldId> {
+        if !self
+            .state
+            .stock
+            .contains_key(&key(hold.product_id, hold.size.as_deref()))
+        {
+            return Err(Error::storage(BACKEND, "hold on a missing stock row"));
+        }
+        let duplicate = self.state.holds.values().any(|h| {
+            h.status == HoldStatus::Active
+                && h.cart_id == hold.cart_id
+                && h.product_id == hold.product_id
+                && h.size == hold.size
+        });
+        if duplicate {
+            return Err(Error::storage(
+                BACKEND,
+                "second active hold of a cart on one row",
+            ));
+        }
+        let last = self.state.last_hold_id;
+        let id = HoldId(last + 1);
+        self.state.last_hold_id = id.0;
+        self.state.holds.insert(id, hold.clone().into_hold(id));
+        self.undo.push(Undo::HoldInserted(id, last));
+        Ok(id)
+    }
+
+    fn update_hold(&mut self, hold: &Hold) -> Result<()> {
+        let slot = self
+            .state
+            .holds
+            .get_mut(&hold.id)
+            .ok_or_else(|| missing("hold"))?;
+        let mut updated = slot.clone();
+        updated.quantity = hold.quantity;
+        updated.status = hold.status;
+        updated.expires_at = hold.expires_at;
+        let old = std::mem::replace(slot, updated);
+        self.undo.push(Undo::HoldUpdated(old));
         Ok(())
     }
 }

@@ -12,8 +12,8 @@ use chrono::{DateTime, Utc};
 
 use crate::error::{Error, Result};
 use crate::model::{
-    CounterDelta, KindTotal, MovementQuery, NewMovement, NewOrder, Order, OrderId, Payment,
-    Product, ProductId, StockCountRecord, StockLevels, StockMovement,
+    CounterDelta, Hold, HoldId, KindTotal, MovementQuery, NewHold, NewMovement, NewOrder, Order,
+    OrderId, Payment, Product, ProductId, StockCountRecord, StockLevels, StockMovement,
 };
 
 /// A stock row with its identity: product, size (`None` for a product without sizes) and
@@ -133,6 +133,27 @@ pub trait StockRead {
     /// The summed deltas of movements with `from <= at < to`, per product and kind.
     fn kind_totals(&mut self, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<Vec<KindTotal>>;
 
+    /// The active holds of a cart, by id. In a write unit they are locked.
+    fn cart_holds(&mut self, cart_id: &str) -> Result<Vec<Hold>>;
+
+    /// Up to `limit` active holds whose `expires_at` is before `now`, ordered by
+    /// `(expires_at, id)` and strictly after `after` in that order. In a write unit a
+    /// backend that runs units concurrently skips holds another unit has locked, and
+    /// locks those it returns.
+    fn expired_holds(
+        &mut self,
+        now: DateTime<Utc>,
+        after: Option<(DateTime<Utc>, HoldId)>,
+        limit: usize,
+    ) -> Result<Vec<Hold>>;
+
+    /// Units of one stock row in active holds, and in `under_paying` orders.
+    fn reservation_breakdown(
+        &mut self,
+        product: ProductId,
+        size: Option<&str>,
+    ) -> Result<(u64, u64)>;
+
     /// The stock counts recorded with `from <= at < to`, oldest first.
     fn stock_counts(
         &mut self,
@@ -180,6 +201,13 @@ pub trait StockTx: StockRead {
 
     /// Records a physical stock count.
     fn insert_stock_count(&mut self, count: &StockCountRecord) -> Result<()>;
+
+    /// Inserts an active hold and returns the id the store assigned. A cart has at most
+    /// one active hold per stock row; the services update it rather than insert another.
+    fn insert_hold(&mut self, hold: &NewHold) -> Result<HoldId>;
+
+    /// Overwrites the quantity, status and expiry of an existing hold.
+    fn update_hold(&mut self, hold: &Hold) -> Result<()>;
 }
 
 /// Typed results on top of the unit-based [`StockStore`] methods.

@@ -14,9 +14,9 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 
 use crate::error::{Error, Result};
 use crate::model::{
-    CounterDelta, KindTotal, MovementKind, MovementQuery, NewMovement, NewOrder, Order, OrderId,
-    OrderStatus, Payment, PaymentStatus, Product, ProductId, StockCount, StockCountRecord,
-    StockLevels, StockMovement,
+    CounterDelta, Hold, HoldId, HoldStatus, KindTotal, MovementKind, MovementQuery, NewHold,
+    NewMovement, NewOrder, Order, OrderId, OrderStatus, Payment, PaymentStatus, Product, ProductId,
+    StockCount, StockCountRecord, StockLevels, StockMovement,
 };
 use crate::store::{LedgerBalance, ReadUnit, StockRead, StockRow, StockStore, StockTx, WriteUnit};
 
@@ -446,6 +446,23 @@ fn levels_from_row(row: &Row<'_>, first: usize) -> rusqlite::Result<StockLevels>
 const ORDER_COLUMNS: &str = "id, payment_hash, product_id, size, quantity, unit_price, customer_ref, \
      status, payment_status, created_at, payment_expires_at, paid_at, admin_notes";
 
+const HOLD_COLUMNS: &str =
+    "id, cart_id, product_id, size, quantity, status, created_at, expires_at";
+
+fn hold_from_row(row: &Row<'_>) -> rusqlite::Result<Hold> {
+    let status: String = row.get(5)?;
+    Ok(Hold {
+        id: HoldId(row.get(0)?),
+        cart_id: row.get(1)?,
+        product_id: ProductId(row.get(2)?),
+        size: size_from_db(row.get(3)?),
+        quantity: column_u64(row, 4)?,
+        status: HoldStatus::parse(&status).ok_or_else(|| bad_text(5, "hold status", &status))?,
+        created_at: column_time(row, 6)?,
+        expires_at: column_time(row, 7)?,
+    })
+}
+
 fn order_from_row(row: &Row<'_>) -> rusqlite::Result<Order> {
     Ok(Order {
         id: OrderId(row.get(0)?),
@@ -684,6 +701,64 @@ impl StockRead for SqliteTx<'_> {
         rows.collect::<rusqlite::Result<_>>().map_err(sql_err)
     }
 
+    fn cart_holds(&mut self, cart_id: &str) -> Result<Vec<Hold>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {HOLD_COLUMNS} FROM cart_holds WHERE cart_id = ?1 AND status = 'active' \
+                 ORDER BY id"
+            ))
+            .map_err(sql_err)?;
+        let rows = stmt.query_map([cart_id], hold_from_row).map_err(sql_err)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(sql_err)
+    }
+
+    fn expired_holds(
+        &mut self,
+        now: DateTime<Utc>,
+        after: Option<(DateTime<Utc>, HoldId)>,
+        limit: usize,
+    ) -> Result<Vec<Hold>> {
+        let (after_t, after_id) = after.map_or((i64::MIN, i64::MIN), |(t, id)| (time_db(t), id.0));
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {HOLD_COLUMNS} FROM cart_holds \
+                 WHERE status = 'active' AND expires_at < ?1 AND (expires_at, id) > (?2, ?3) \
+                 ORDER BY expires_at, id LIMIT ?4"
+            ))
+            .map_err(sql_err)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt
+            .query_map(
+                params![time_db(now), after_t, after_id, limit],
+                hold_from_row,
+            )
+            .map_err(sql_err)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(sql_err)
+    }
+
+    fn reservation_breakdown(
+        &mut self,
+        product: ProductId,
+        size: Option<&str>,
+    ) -> Result<(u64, u64)> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT \
+                   (SELECT coalesce(sum(quantity), 0) FROM cart_holds \
+                     WHERE product_id = ?1 AND size = ?2 AND status = 'active'), \
+                   (SELECT coalesce(sum(quantity), 0) FROM orders \
+                     WHERE product_id = ?1 AND size = ?2 AND status = 'under_paying')",
+            )
+            .map_err(sql_err)?;
+        stmt.query_row(params![product.0, size_db(size)], |r| {
+            Ok((column_u64(r, 0)?, column_u64(r, 1)?))
+        })
+        .map_err(sql_err)
+    }
+
     fn stock_counts(
         &mut self,
         from: DateTime<Utc>,
@@ -884,6 +959,44 @@ impl StockTx for SqliteTx<'_> {
         ])
         .map_err(sql_err)?;
         Ok(())
+    }
+
+    fn insert_hold(&mut self, hold: &NewHold) -> Result<HoldId> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO cart_holds (cart_id, product_id, size, quantity, status, created_at, \
+                 expires_at) VALUES (?1, ?2, ?3, ?4, 'active', ?5, ?6)",
+            )
+            .map_err(sql_err)?;
+        stmt.execute(params![
+            hold.cart_id,
+            hold.product_id.0,
+            size_db(hold.size.as_deref()),
+            to_db(hold.quantity)?,
+            time_db(hold.created_at),
+            time_db(hold.expires_at)
+        ])
+        .map_err(sql_err)?;
+        Ok(HoldId(self.conn.last_insert_rowid()))
+    }
+
+    fn update_hold(&mut self, hold: &Hold) -> Result<()> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "UPDATE cart_holds SET quantity = ?2, status = ?3, expires_at = ?4 WHERE id = ?1",
+            )
+            .map_err(sql_err)?;
+        let n = stmt
+            .execute(params![
+                hold.id.0,
+                to_db(hold.quantity)?,
+                hold.status.as_str(),
+                time_db(hold.expires_at)
+            ])
+            .map_err(sql_err)?;
+        expect_one(n, "hold")
     }
 
     fn insert_stock_count(&mut self, record: &StockCountRecord) -> Result<()> {

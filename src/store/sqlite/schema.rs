@@ -106,6 +106,38 @@ const MIGRATIONS: &[&str] = &[
         FOREIGN KEY (product_id, size) REFERENCES stock (product_id, size)
     ) STRICT;
     CREATE INDEX stock_counts_by_time ON stock_counts (at);
+
+    -- Stock that existed before the ledger gets an opening balance, so that every row's
+    -- movements add up to its counters from the start.
+    INSERT INTO stock_movements (at, product_id, size, kind, available_delta, reserved_delta,
+                                 sold_delta, reference)
+    SELECT CAST(unixepoch('subsec') * 1000000 AS INTEGER), product_id, size,
+           'count_correction', available, reserved, sold, 'opening balance'
+    FROM stock WHERE available > 0 OR reserved > 0 OR sold > 0;
+    ",
+    // 3: cart holds, and the index that tells awaiting-payment units per stock row.
+    "
+    CREATE TABLE cart_holds (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        cart_id    TEXT    NOT NULL CHECK (length(cart_id) BETWEEN 1 AND 64),
+        product_id INTEGER NOT NULL,
+        size       TEXT    NOT NULL,
+        quantity   INTEGER NOT NULL CHECK (quantity >= 0),
+        status     TEXT    NOT NULL
+                   CHECK (status IN ('active', 'released', 'expired', 'converted')),
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        FOREIGN KEY (product_id, size) REFERENCES stock (product_id, size)
+    ) STRICT;
+    -- One active hold per cart and stock row; a cart's holds are found by this too.
+    CREATE UNIQUE INDEX cart_holds_active ON cart_holds (cart_id, product_id, size)
+        WHERE status = 'active';
+    -- Cleanup reads only the active holds, oldest expiry first.
+    CREATE INDEX cart_holds_expiry ON cart_holds (expires_at, id) WHERE status = 'active';
+    -- Units held and awaiting payment per stock row.
+    CREATE INDEX cart_holds_by_row ON cart_holds (product_id, size) WHERE status = 'active';
+    CREATE INDEX orders_awaiting_by_row ON orders (product_id, size)
+        WHERE status = 'under_paying';
     ",
 ];
 
