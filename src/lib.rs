@@ -104,6 +104,8 @@ pub use service::order::{
 };
 pub use service::stock::{DEFAULT_HOLD_DURATION, StockService};
 pub use store::memory::MemoryStore;
+#[cfg(feature = "postgres")]
+pub use store::postgres::{PostgresConfig, PostgresStore};
 #[cfg(feature = "sqlite")]
 pub use store::sqlite::{Durability, SqliteConfig, SqliteStore};
 pub use store::{LedgerBalance, ReadUnit, StockRead, StockRow, StockStore, StockTx, WriteUnit};

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use stockroom::{MemoryStore, SqliteStore, StockStore};
+use stockroom::{MemoryStore, PostgresConfig, PostgresStore, SqliteStore, StockStore};
 
 /// A folder for one test's database files, removed when the test ends.
 struct Scratch {
@@ -28,8 +28,44 @@ impl Scratch {
     }
 }
 
+/// The PostgreSQL server the tests use: `.ci/run` always provides one.
+fn pg_url() -> Option<String> {
+    let url = std::env::var("STOCKROOM_PG_URL")
+        .ok()
+        .filter(|u| !u.is_empty());
+    if url.is_none() {
+        eprintln!("STOCKROOM_PG_URL is unset: skipping this PostgreSQL case");
+    }
+    url
+}
+
+/// A store in a schema of its own, so every case starts empty.
+fn pg_store() -> PostgresStore {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let url = pg_url().expect("STOCKROOM_PG_URL");
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let schema = format!(
+        "t{}_{}_{}",
+        std::process::id(),
+        nanos,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    PostgresStore::connect(
+        PostgresConfig::new(url)
+            .with_schema(schema)
+            .with_pool_size(10),
+    )
+    .expect("connect to PostgreSQL")
+}
+
 macro_rules! backend {
     ($backend:ident, $scratch:ident => $make:expr) => {
+        backend!($backend, $scratch => $make, run_if = true);
+    };
+    ($backend:ident, $scratch:ident => $make:expr, run_if = $run:expr) => {
         mod $backend {
             use super::*;
 
@@ -37,6 +73,9 @@ macro_rules! backend {
                 ($case:ident) => {
                     #[test]
                     fn $case() {
+                        if !$run {
+                            return;
+                        }
                         let $scratch = Scratch::new();
                         let _ = &$scratch;
                         let made: RefCell<Vec<Arc<dyn StockStore>>> = RefCell::default();
@@ -116,3 +155,4 @@ macro_rules! backend {
 backend!(memory, scratch => MemoryStore::new());
 backend!(sqlite_memory, scratch => SqliteStore::open_in_memory().expect("open sqlite in memory"));
 backend!(sqlite_file, scratch => SqliteStore::open(scratch.file()).expect("open sqlite file"));
+backend!(postgres, scratch => pg_store(), run_if = pg_url().is_some());

@@ -364,22 +364,19 @@ impl Expiring for Hold {
     }
 }
 
-/// Turns a cart's holds into the reservations of checkout lines, inside the checkout's
-/// unit: each line takes its units from the cart's active hold on its row (expired or
+/// Turns a cart's holds (its active holds, loaded and locked before the stock rows) into
+/// the reservations of checkout lines, inside the checkout's unit: each line takes its units from the cart's active hold on its row (expired or
 /// not, as long as cleanup has not released it), and whatever the hold lacks is taken
 /// from available. Holds left with nothing become `converted`.
 pub(crate) fn convert_holds(
     tx: &mut dyn StockTx,
     rows: &mut LockedRows,
     cart_id: &str,
+    holds: Vec<Hold>,
     lines: &[(ProductId, Option<String>, u64)],
     order_causes: &[Cause],
 ) -> Result<()> {
-    let mut holds: BTreeMap<RowKey, Hold> = tx
-        .cart_holds(cart_id)?
-        .into_iter()
-        .map(|h| (key_of(&h), h))
-        .collect();
+    let mut holds: BTreeMap<RowKey, Hold> = holds.into_iter().map(|h| (key_of(&h), h)).collect();
     let cart = Cause::reference(Some(cart_id));
     for (i, ((product, size, quantity), order)) in lines.iter().zip(order_causes).enumerate() {
         let key = (*product, size.clone());

@@ -361,6 +361,11 @@ impl OrderService {
         let unit_payment = payment.clone();
         let at = self.stamp();
         let orders = self.store.write_with(move |tx| {
+            // A cart's holds are locked before the stock rows, as hold cleanup does.
+            let holds = match &cart_id {
+                Some(cart) => tx.cart_holds(cart)?,
+                None => Vec::new(),
+            };
             let keys = lines.iter().map(|l| (l.product_id, l.size.as_deref()));
             let mut rows = LockedRows::load(tx, keys, at)?;
             if cart_id.is_none() {
@@ -400,7 +405,7 @@ impl OrderService {
                     .map(|l| (l.product_id, l.size.clone(), l.quantity))
                     .collect();
                 let causes: Vec<Cause> = orders.iter().map(Cause::order).collect();
-                convert_holds(tx, &mut rows, cart, &wanted, &causes)?;
+                convert_holds(tx, &mut rows, cart, holds, &wanted, &causes)?;
                 rows.store(tx)?;
             }
             Ok(orders)
@@ -466,12 +471,16 @@ impl OrderService {
         let accept_late = self.config.accept_late_payments;
         let at = self.stamp();
         let outcome = self.store.write_with(move |tx| {
+            // Lock order: the payment's orders, then the payment, then stock rows (as
+            // cleanup and cancellation take orders before the payment), so that a
+            // confirmation racing a cleanup of the same payment never deadlocks.
+            let mut orders = tx.payment_orders(&hash)?;
             let mut payment = match tx.payment(&hash)? {
                 Some(p) if secrets_match(&key, &p.key) => p,
                 _ => return Err(Error::PaymentNotFound),
             };
             match payment.status {
-                PaymentStatus::Completed => return Ok((tx.payment_orders(&hash)?, false)),
+                PaymentStatus::Completed => return Ok((orders, false)),
                 PaymentStatus::Cancelled => {
                     return Err(Error::PaymentCancelled {
                         payment_hash: hash.clone(),
@@ -487,7 +496,6 @@ impl OrderService {
                     lines: Vec::new(),
                 });
             }
-            let mut orders = tx.payment_orders(&hash)?;
             let keys = orders.iter().map(|o| (o.product_id, o.size.as_deref()));
             let mut rows = LockedRows::load(tx, keys, at)?;
             let mut short = Vec::new();

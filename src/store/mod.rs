@@ -24,6 +24,8 @@ pub type StockRow = (ProductId, Option<String>, StockLevels);
 pub type LedgerBalance = (ProductId, Option<String>, CounterDelta);
 
 pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 
@@ -266,6 +268,8 @@ fn assert_send_sync() {
     check::<memory::MemoryStore>();
     #[cfg(feature = "sqlite")]
     check::<sqlite::SqliteStore>();
+    #[cfg(feature = "postgres")]
+    check::<postgres::PostgresStore>();
     check::<Arc<dyn StockStore>>();
     check::<Error>();
 }
