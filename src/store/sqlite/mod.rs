@@ -1,11 +1,10 @@
 //! [`SqliteStore`]: the default backend, on a bundled SQLite file.
 
+mod group;
 mod schema;
 
 use std::fmt;
-use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -123,7 +122,7 @@ impl Default for SqliteConfig {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct SqliteStore {
-    writer: Mutex<Connection>,
+    writer: group::GroupWriter,
     readers: r2d2::Pool<SqliteConnectionManager>,
     location: Location,
     config: SqliteConfig,
@@ -267,17 +266,11 @@ impl SqliteStore {
 
         log::debug!("sqlite: opened {target} ({config:?})");
         Ok(SqliteStore {
-            writer: Mutex::new(writer),
+            writer: group::GroupWriter::new(writer),
             readers,
             location,
             config,
         })
-    }
-
-    fn writer(&self) -> Result<MutexGuard<'_, Connection>> {
-        self.writer
-            .lock()
-            .map_err(|_| Error::storage(BACKEND, "writer connection poisoned by a panic"))
     }
 }
 
@@ -311,7 +304,7 @@ fn retry_busy<T>(timeout: Duration, mut step: impl FnMut() -> Result<T>) -> Resu
 }
 
 /// Runs `sql` (cached) on `conn`, ignoring rows.
-fn exec(conn: &Connection, sql: &str) -> Result<()> {
+pub(crate) fn exec(conn: &Connection, sql: &str) -> Result<()> {
     conn.prepare_cached(sql)
         .and_then(|mut s| s.execute([]))
         .map(drop)
@@ -323,28 +316,8 @@ impl StockStore for SqliteStore {
         BACKEND
     }
 
-    fn write(&self, mut unit: WriteUnit) -> Result<()> {
-        let conn = self.writer()?;
-        exec(&conn, "BEGIN IMMEDIATE")?;
-        let outcome = panic::catch_unwind(AssertUnwindSafe(|| unit(&mut SqliteTx { conn: &conn })));
-        match outcome {
-            Ok(Ok(())) => {
-                if let Err(e) = exec(&conn, "COMMIT") {
-                    let _ = exec(&conn, "ROLLBACK");
-                    return Err(e);
-                }
-                Ok(())
-            }
-            Ok(Err(e)) => {
-                exec(&conn, "ROLLBACK")?;
-                Err(e)
-            }
-            Err(payload) => {
-                let _ = exec(&conn, "ROLLBACK");
-                drop(conn);
-                panic::resume_unwind(payload)
-            }
-        }
+    fn write(&self, unit: WriteUnit) -> Result<()> {
+        self.writer.write(unit)
     }
 
     fn read(&self, unit: ReadUnit<'_>) -> Result<()> {
@@ -359,8 +332,8 @@ impl StockStore for SqliteStore {
 
 /// A unit's view of the database: the writer inside `BEGIN IMMEDIATE`, or a pooled reader
 /// inside a read transaction.
-struct SqliteTx<'c> {
-    conn: &'c Connection,
+pub(crate) struct SqliteTx<'c> {
+    pub(crate) conn: &'c Connection,
 }
 
 fn to_db(value: u64) -> Result<i64> {

@@ -1,0 +1,413 @@
+//! A load generator for reservations: many threads reserving one unit at a time, against
+//! stockroom on SQLite (or PostgreSQL), next to the floor — the same reservation done by
+//! hand with bare rusqlite, one transaction each — measured right before it with the same
+//! settings.
+//!
+//! ```text
+//! cargo run --release --example loadgen -- --threads 8 --seconds 5 --durability full \
+//!     --products 1000 --hot-share 0.5
+//! cargo run --release --example loadgen -- --postgres postgres://user@localhost/db
+//! cargo run --release --example loadgen -- --reservations 1000000 --products 100000
+//! ```
+//!
+//! Options (defaults in brackets): `--threads N` [8], `--seconds S` [5],
+//! `--durability full|normal` [full], `--products P` [1000], `--hot-share X` [0.5]: the
+//! share of reservations that go to product 1, `--reservations N`: stop after N
+//! reservations instead of after S seconds, `--postgres URL`: run the library on
+//! PostgreSQL (no floor), `--no-floor`: skip the floor.
+
+use std::collections::BTreeMap;
+use std::error::Error;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, params};
+use stockroom::{
+    Durability, MAX_STOCK, NewProduct, ProductId, SqliteConfig, SqliteStore, StockService,
+    StockStore,
+};
+#[cfg(feature = "postgres")]
+use stockroom::{PostgresConfig, PostgresStore};
+
+#[derive(Debug, Clone)]
+struct Args {
+    threads: usize,
+    seconds: f64,
+    durability: Durability,
+    products: i64,
+    hot_share: f64,
+    reservations: Option<u64>,
+    postgres: Option<String>,
+    floor: bool,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        threads: 8,
+        seconds: 5.0,
+        durability: Durability::Full,
+        products: 1000,
+        hot_share: 0.5,
+        reservations: None,
+        postgres: None,
+        floor: true,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--threads" => {
+                args.threads = value()?.parse().map_err(|e| format!("--threads: {e}"))?
+            }
+            "--seconds" => {
+                args.seconds = value()?.parse().map_err(|e| format!("--seconds: {e}"))?
+            }
+            "--durability" => {
+                args.durability = match value()?.as_str() {
+                    "full" => Durability::Full,
+                    "normal" => Durability::Normal,
+                    other => return Err(format!("--durability full|normal, not {other}")),
+                }
+            }
+            "--products" => {
+                args.products = value()?.parse().map_err(|e| format!("--products: {e}"))?
+            }
+            "--hot-share" => {
+                args.hot_share = value()?.parse().map_err(|e| format!("--hot-share: {e}"))?
+            }
+            "--reservations" => {
+                args.reservations = Some(
+                    value()?
+                        .parse()
+                        .map_err(|e| format!("--reservations: {e}"))?,
+                )
+            }
+            "--postgres" => args.postgres = Some(value()?),
+            "--no-floor" => args.floor = false,
+            "--help" | "-h" => {
+                return Err("usage: loadgen [--threads N] [--seconds S] [--durability full|normal] \
+                     [--products P] [--hot-share X] [--reservations N] [--postgres URL] [--no-floor]"
+                    .into());
+            }
+            other => return Err(format!("unknown option {other} (try --help)")),
+        }
+    }
+    if args.threads == 0 || args.products < 1 || !(0.0..=1.0).contains(&args.hot_share) {
+        return Err("--threads and --products must be at least 1, --hot-share in 0..=1".into());
+    }
+    Ok(args)
+}
+
+/// A small per-thread generator: which product each reservation goes to.
+struct Picker {
+    state: u64,
+    products: i64,
+    hot_share: f64,
+}
+
+impl Picker {
+    fn next(&mut self) -> i64 {
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        let unit = (self.state >> 11) as f64 / (1u64 << 53) as f64;
+        if self.products == 1 || unit < self.hot_share {
+            1
+        } else {
+            2 + (self.state % (self.products as u64 - 1)) as i64
+        }
+    }
+}
+
+/// What one run measured.
+struct Run {
+    ops: u64,
+    elapsed: Duration,
+    latencies_us: Vec<u32>,
+    errors: BTreeMap<String, u64>,
+}
+
+impl Run {
+    fn rate(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn percentile(&self, p: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return 0.0;
+        }
+        let i = ((self.latencies_us.len() as f64 * p).ceil() as usize)
+            .clamp(1, self.latencies_us.len());
+        f64::from(self.latencies_us[i - 1]) / 1000.0
+    }
+}
+
+/// Runs `op` on `threads` threads until the time or the reservation budget runs out.
+fn drive<S: Send + 'static>(
+    args: &Args,
+    threads: usize,
+    make: impl Fn(usize) -> S,
+    op: fn(&mut S, i64) -> Result<(), String>,
+) -> Run {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let barrier = Arc::new(Barrier::new(threads + 1));
+    let budget = args.reservations;
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let mut state = make(t);
+            let (stop, done, barrier) = (stop.clone(), done.clone(), barrier.clone());
+            let mut picker = Picker {
+                state: 0x9E37_79B9_7F4A_7C15 ^ (t as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03),
+                products: args.products,
+                hot_share: args.hot_share,
+            };
+            thread::spawn(move || {
+                let mut latencies = Vec::with_capacity(1 << 16);
+                let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+                barrier.wait();
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some(b) = budget {
+                        if done.fetch_add(1, Ordering::Relaxed) >= b {
+                            break;
+                        }
+                    }
+                    let product = picker.next();
+                    let start = Instant::now();
+                    let result = op(&mut state, product);
+                    let us = start.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+                    latencies.push(us);
+                    if let Err(code) = result {
+                        *errors.entry(code).or_default() += 1;
+                    }
+                }
+                (latencies, errors)
+            })
+        })
+        .collect();
+    barrier.wait();
+    let start = Instant::now();
+    if budget.is_none() {
+        thread::sleep(Duration::from_secs_f64(args.seconds));
+        stop.store(true, Ordering::Relaxed);
+    }
+    let mut run = Run {
+        ops: 0,
+        elapsed: Duration::ZERO,
+        latencies_us: Vec::new(),
+        errors: BTreeMap::new(),
+    };
+    for h in handles {
+        let (lat, errs) = h.join().expect("load thread");
+        run.latencies_us.extend(lat);
+        for (k, v) in errs {
+            *run.errors.entry(k).or_default() += v;
+        }
+    }
+    run.elapsed = start.elapsed();
+    run.ops = run.latencies_us.len() as u64;
+    run.latencies_us.sort_unstable();
+    run
+}
+
+fn stock_units(args: &Args) -> u64 {
+    // Enough that nothing runs out: every reservation could go to one product.
+    MAX_STOCK
+        .min(1_000_000_000)
+        .max(args.reservations.unwrap_or(0) + 1)
+}
+
+/// The floor: the same reservation by hand, bare rusqlite, one transaction each.
+fn floor(args: &Args, threads: usize, dir: &Path) -> Result<Run, Box<dyn Error>> {
+    let path = dir.join(format!("floor-{threads}.db"));
+    let sync = match args.durability {
+        Durability::Normal => "NORMAL",
+        _ => "FULL",
+    };
+    {
+        let conn = Connection::open(&path)?;
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync};
+             CREATE TABLE stock (product_id INTEGER NOT NULL, size TEXT NOT NULL,
+                 available INTEGER NOT NULL CHECK (available >= 0),
+                 reserved INTEGER NOT NULL CHECK (reserved >= 0),
+                 sold INTEGER NOT NULL CHECK (sold >= 0),
+                 PRIMARY KEY (product_id, size)) STRICT, WITHOUT ROWID;"
+        ))?;
+        let tx = conn.unchecked_transaction()?;
+        for p in 1..=args.products {
+            tx.execute(
+                "INSERT INTO stock VALUES (?1, '', ?2, 0, 0)",
+                params![p, stock_units(args) as i64],
+            )?;
+        }
+        tx.commit()?;
+    }
+    let open = |_: usize| {
+        let conn = Connection::open(&path).expect("open floor file");
+        conn.busy_timeout(Duration::from_secs(30))
+            .expect("busy timeout");
+        conn.execute_batch(&format!("PRAGMA synchronous = {sync}"))
+            .expect("pragma");
+        conn
+    };
+    Ok(drive(args, threads, open, |conn, product| {
+        let run = || -> rusqlite::Result<usize> {
+            conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+            let n = conn
+                .prepare_cached(
+                    "UPDATE stock SET available = available - 1, reserved = reserved + 1 \
+                     WHERE product_id = ?1 AND size = '' AND available >= 1",
+                )?
+                .execute([product])?;
+            conn.prepare_cached("COMMIT")?.execute([])?;
+            Ok(n)
+        };
+        match run() {
+            Ok(1) => Ok(()),
+            Ok(_) => Err("SHORT".into()),
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                Err(format!("sqlite: {e}"))
+            }
+        }
+    }))
+}
+
+fn library_store(args: &Args, dir: &Path) -> Result<Arc<dyn StockStore>, Box<dyn Error>> {
+    if let Some(url) = &args.postgres {
+        #[cfg(feature = "postgres")]
+        {
+            let schema = format!("loadgen_{}", std::process::id());
+            let config = PostgresConfig::new(url)
+                .with_schema(schema)
+                .with_pool_size(args.threads as u32 + 1);
+            return Ok(Arc::new(PostgresStore::connect(config)?));
+        }
+        #[cfg(not(feature = "postgres"))]
+        return Err(format!("--postgres {url}: build with --features postgres").into());
+    }
+    Ok(Arc::new(SqliteStore::open_with(
+        dir.join("library.db"),
+        SqliteConfig::default().with_durability(args.durability),
+    )?))
+}
+
+fn library(args: &Args, dir: &Path) -> Result<Run, Box<dyn Error>> {
+    let stock = StockService::new(library_store(args, dir)?);
+    let units = stock_units(args);
+    let mut batch = Vec::new();
+    for p in 1..=args.products {
+        batch.push(NewProduct::plain(ProductId(p), format!("P{p}"), units));
+    }
+    // Products are created from a few threads to keep the setup short.
+    thread::scope(|s| {
+        for chunk in batch.chunks(batch.len().div_ceil(4).max(1)) {
+            let stock = stock.clone();
+            s.spawn(move || {
+                for p in chunk {
+                    stock.create_product(p.clone()).expect("create product");
+                }
+            });
+        }
+    });
+    Ok(drive(
+        args,
+        args.threads,
+        |_| stock.clone(),
+        |stock, product| {
+            stock
+                .reserve_stock(ProductId(product), 1, None)
+                .map(drop)
+                .map_err(|e| e.code().to_owned())
+        },
+    ))
+}
+
+/// Peak resident memory of this process so far, in MiB (Linux).
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn report(name: &str, run: &Run) {
+    println!(
+        "{name:<22} {:>10.0} reservations/s  ({} in {:.2} s)",
+        run.rate(),
+        run.ops,
+        run.elapsed.as_secs_f64()
+    );
+    println!(
+        "{:<22} p50 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  max {:.3} ms",
+        "",
+        run.percentile(0.50),
+        run.percentile(0.99),
+        run.percentile(0.999),
+        run.percentile(1.0)
+    );
+    if !run.errors.is_empty() {
+        println!("{:<22} errors: {:?}", "", run.errors);
+    }
+}
+
+fn main() -> Result<(), Box<dyn Error>> {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(msg) => {
+            eprintln!("{msg}");
+            std::process::exit(2);
+        }
+    };
+    let dir = tempfile::tempdir()?;
+    println!(
+        "loadgen: {} threads, {}, durability {:?}, {} products, hot share {}",
+        args.threads,
+        match args.reservations {
+            Some(n) => format!("{n} reservations"),
+            None => format!("{} s", args.seconds),
+        },
+        args.durability,
+        args.products,
+        args.hot_share
+    );
+    let floors = if args.floor && args.postgres.is_none() {
+        let one = floor(&args, 1, dir.path())?;
+        report("floor, 1 thread", &one);
+        let many = if args.threads > 1 {
+            let many = floor(&args, args.threads, dir.path())?;
+            report(&format!("floor, {} threads", args.threads), &many);
+            Some(many)
+        } else {
+            None
+        };
+        Some((one, many))
+    } else {
+        None
+    };
+    let run = library(&args, dir.path())?;
+    let backend = if args.postgres.is_some() {
+        "postgres"
+    } else {
+        "sqlite"
+    };
+    report(&format!("stockroom ({backend})"), &run);
+    if let Some((one, many)) = floors {
+        println!("ratio: {:.2} x the 1-thread floor", run.rate() / one.rate());
+        if let Some(many) = many {
+            println!(
+                "ratio: {:.2} x the {}-thread floor",
+                run.rate() / many.rate(),
+                args.threads
+            );
+        }
+    }
+    if let Some(mib) = peak_rss_mib() {
+        println!("peak memory (VmHWM): {mib:.1} MiB");
+    }
+    Ok(())
+}

@@ -1,0 +1,178 @@
+//! Group commit: the write units of concurrent callers share one transaction and one
+//! commit (one fsync under `synchronous = FULL`).
+//!
+//! Callers queue their units in arrival order. The caller at the front of the queue is
+//! the leader: it takes every unit queued behind it (up to a bound), runs each in its own
+//! savepoint on the one writer connection (so a refused unit is rolled back alone and
+//! never fails its neighbours), commits once, and hands each caller its own outcome. The
+//! next caller in line then leads the next group. A caller alone runs its unit on its own
+//! thread, in a plain transaction: no thread hand-off, no savepoint.
+
+use std::collections::VecDeque;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use rusqlite::Connection;
+
+use crate::error::{Error, Result};
+use crate::store::WriteUnit;
+
+use super::{BACKEND, SqliteTx, exec};
+
+/// The most units one transaction runs.
+const MAX_GROUP: usize = 512;
+
+/// What a unit's caller gets back: its result, or the panic it raised.
+type Outcome = std::thread::Result<Result<()>>;
+
+struct Job {
+    unit: Option<WriteUnit>,
+    outcome: Option<Outcome>,
+}
+
+/// The queue of write units and the writer connection they run on.
+pub(crate) struct GroupWriter {
+    queue: Mutex<VecDeque<Arc<Mutex<Job>>>>,
+    turn: Condvar,
+    conn: Mutex<Connection>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Units run outside these locks and panics are caught, so a poisoned lock only means
+    // another caller panicked while holding it briefly; the data is still consistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl GroupWriter {
+    pub(crate) fn new(conn: Connection) -> Self {
+        GroupWriter {
+            queue: Mutex::new(VecDeque::new()),
+            turn: Condvar::new(),
+            conn: Mutex::new(conn),
+        }
+    }
+
+    /// Runs `unit` in a transaction, alone or grouped with the units queued with it, and
+    /// returns its own outcome once its transaction has committed (or failed).
+    pub(crate) fn write(&self, unit: WriteUnit) -> Result<()> {
+        let job = Arc::new(Mutex::new(Job {
+            unit: Some(unit),
+            outcome: None,
+        }));
+        let mut queue = lock(&self.queue);
+        queue.push_back(Arc::clone(&job));
+        loop {
+            if let Some(outcome) = lock(&job).outcome.take() {
+                drop(queue);
+                return match outcome {
+                    Ok(result) => result,
+                    Err(payload) => panic::resume_unwind(payload),
+                };
+            }
+            if queue.front().is_some_and(|front| Arc::ptr_eq(front, &job)) {
+                break;
+            }
+            queue = self.turn.wait(queue).unwrap_or_else(|e| e.into_inner());
+        }
+        // This caller leads: take the units queued from the front, its own first.
+        let group: Vec<Arc<Mutex<Job>>> = queue.iter().take(MAX_GROUP).cloned().collect();
+        drop(queue);
+
+        let units: Vec<WriteUnit> = group
+            .iter()
+            .map(|j| lock(j).unit.take().expect("a queued unit runs once"))
+            .collect();
+        let outcomes = self.run_group(units);
+
+        let mut queue = lock(&self.queue);
+        for (j, outcome) in group.iter().zip(outcomes) {
+            lock(j).outcome = Some(outcome);
+            queue.pop_front();
+        }
+        self.turn.notify_all();
+        drop(queue);
+        let own = lock(&job).outcome.take().expect("the leader's unit ran");
+        match own {
+            Ok(result) => result,
+            Err(payload) => panic::resume_unwind(payload),
+        }
+    }
+
+    /// Runs `units` in one transaction and returns each one's outcome.
+    fn run_group(&self, mut units: Vec<WriteUnit>) -> Vec<Outcome> {
+        let conn = lock(&self.conn);
+        let n = units.len();
+        if let Err(e) = exec(&conn, "BEGIN IMMEDIATE") {
+            return failed(e, n);
+        }
+        if n == 1 {
+            return vec![run_alone(&conn, &mut units[0])];
+        }
+        let mut outcomes = Vec::with_capacity(n);
+        for unit in &mut units {
+            match run_in_savepoint(&conn, unit) {
+                Ok(outcome) => outcomes.push(outcome),
+                Err(e) => {
+                    let _ = exec(&conn, "ROLLBACK");
+                    return failed(e, n);
+                }
+            }
+        }
+        if let Err(e) = exec(&conn, "COMMIT") {
+            let _ = exec(&conn, "ROLLBACK");
+            // Nothing of the group is kept: the units that had succeeded fail with the
+            // commit's error; refusals keep their own error, which is still true.
+            return outcomes
+                .into_iter()
+                .map(|o| match o {
+                    Ok(Ok(())) => Ok(Err(copy(&e))),
+                    other => other,
+                })
+                .collect();
+        }
+        outcomes
+    }
+}
+
+/// A unit alone in its transaction: the transaction is its savepoint.
+fn run_alone(conn: &Connection, unit: &mut WriteUnit) -> Outcome {
+    let outcome = run_unit(conn, unit);
+    if matches!(outcome, Ok(Ok(()))) {
+        if let Err(e) = exec(conn, "COMMIT") {
+            let _ = exec(conn, "ROLLBACK");
+            return Ok(Err(e));
+        }
+    } else if let Err(e) = exec(conn, "ROLLBACK") {
+        log::error!("sqlite: rollback after a failed unit failed: {e}");
+    }
+    outcome
+}
+
+/// A unit in a savepoint of a group's transaction, rolled back alone if it fails. An
+/// error here is the savepoint's own, and ends the whole group.
+fn run_in_savepoint(conn: &Connection, unit: &mut WriteUnit) -> Result<Outcome> {
+    exec(conn, "SAVEPOINT unit")?;
+    let outcome = run_unit(conn, unit);
+    if !matches!(outcome, Ok(Ok(()))) {
+        exec(conn, "ROLLBACK TO unit")?;
+    }
+    exec(conn, "RELEASE unit")?;
+    Ok(outcome)
+}
+
+/// The same storage failure for each of `n` callers: the first gets the original (with
+/// its source), the others a copy.
+fn failed(e: Error, n: usize) -> Vec<Outcome> {
+    let mut out: Vec<Outcome> = (1..n).map(|_| Ok(Err(copy(&e)))).collect();
+    out.insert(0, Ok(Err(e)));
+    out
+}
+
+/// A storage error again, for every caller of a failed group.
+fn copy(e: &Error) -> Error {
+    Error::storage(BACKEND, e.to_string())
+}
+
+fn run_unit(conn: &Connection, unit: &mut WriteUnit) -> Outcome {
+    panic::catch_unwind(AssertUnwindSafe(|| unit(&mut SqliteTx { conn })))
+}
