@@ -369,3 +369,102 @@ fn an_older_database_is_migrated_step_by_step_keeping_its_data() {
     assert_eq!(levels(&stock), (8, 2, 0));
     assert!(stock.verify_ledger().unwrap().is_consistent());
 }
+
+#[test]
+fn concurrent_writers_share_commits_and_refusals_stay_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path().join("stock.db")).unwrap());
+    let stock = StockService::new(store.clone());
+    stock
+        .create_product(NewProduct::plain(MUG, "Mug", 600))
+        .unwrap();
+    let before = store.writer_stats();
+    let barrier = Arc::new(Barrier::new(16));
+    let handles: Vec<_> = (0..16)
+        .map(|_| {
+            let (stock, barrier) = (stock.clone(), Arc::clone(&barrier));
+            thread::spawn(move || {
+                barrier.wait();
+                let (mut ok, mut short) = (0, 0);
+                for _ in 0..50 {
+                    match stock.reserve_stock(MUG, 1, None) {
+                        Ok(_) => ok += 1,
+                        Err(Error::InsufficientStock { .. }) => short += 1,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                (ok, short)
+            })
+        })
+        .collect();
+    let (ok, short) = handles
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    // Refused reservations ran in the same groups as accepted ones and failed alone.
+    assert_eq!((ok, short), (600, 200));
+    assert_eq!(levels(&stock), (0, 600, 0));
+    let stats = store.writer_stats();
+    assert_eq!(stats.units - before.units, 800);
+    assert!(
+        stats.transactions - before.transactions < 800,
+        "no commit was shared: {stats:?}"
+    );
+    assert!(stats.largest_group > 1);
+    assert!(stock.verify_ledger().unwrap().is_consistent());
+}
+
+#[test]
+fn a_panicking_unit_fails_only_its_own_caller() {
+    let store: Arc<dyn StockStore> = Arc::new(SqliteStore::open_in_memory().unwrap());
+    let stock = StockService::new(store.clone());
+    stock
+        .create_product(NewProduct::plain(MUG, "Mug", 10))
+        .unwrap();
+    let panicking = {
+        let store = store.clone();
+        thread::spawn(move || {
+            store.write(Box::new(|tx| {
+                tx.update_stock(MUG, None, stockroom::StockLevels::with_available(999))?;
+                panic!("a unit that panics halfway");
+            }))
+        })
+    };
+    assert!(
+        panicking.join().is_err(),
+        "the panic reaches its own caller"
+    );
+    stock.reserve_stock(MUG, 2, None).unwrap();
+    assert_eq!(
+        levels(&stock),
+        (8, 2, 0),
+        "the panicking unit's write was rolled back"
+    );
+}
+
+#[test]
+fn the_wal_is_checkpointed_off_the_writers_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stock.db");
+    let stock = service(SqliteStore::open(&path).unwrap());
+    stock
+        .create_product(NewProduct::plain(MUG, "Mug", 5_000))
+        .unwrap();
+    for _ in 0..2_000 {
+        stock.reserve_stock(MUG, 1, None).unwrap();
+    }
+    let wal = dir.path().join("stock.db-wal");
+    let grown = std::fs::metadata(&wal).unwrap().len();
+    assert!(grown > 1_000_000, "2000 commits wrote {grown} bytes of WAL");
+    // The checkpointer runs every 100 ms; once it has copied everything, the next
+    // commit starts the WAL over from its beginning.
+    thread::sleep(std::time::Duration::from_millis(500));
+    stock.reserve_stock(MUG, 1, None).unwrap();
+    let mut conn = Connection::open(&path).unwrap();
+    let frames: i64 = conn
+        .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))
+        .unwrap();
+    assert!(frames < 20, "the WAL was not restarted: {frames} frames");
+    let _ = &mut conn;
+    assert_eq!(levels(&stock), (2_999, 2_001, 0));
+}

@@ -10,6 +10,7 @@
 
 use std::collections::VecDeque;
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use rusqlite::Connection;
@@ -17,6 +18,7 @@ use rusqlite::Connection;
 use crate::error::{Error, Result};
 use crate::store::WriteUnit;
 
+use super::checkpoint::Checkpointer;
 use super::{BACKEND, SqliteTx, exec};
 
 /// The most units one transaction runs.
@@ -35,6 +37,26 @@ pub(crate) struct GroupWriter {
     queue: Mutex<VecDeque<Arc<Mutex<Job>>>>,
     turn: Condvar,
     conn: Mutex<Connection>,
+    /// Checkpoints the WAL off the writers' path (file databases only). Declared after
+    /// `conn` so the writer closes first and the checkpointer's last round sees every
+    /// commit.
+    checkpointer: Option<Checkpointer>,
+    units: AtomicU64,
+    transactions: AtomicU64,
+    largest: AtomicU64,
+}
+
+/// What the writer of a [`SqliteStore`](super::SqliteStore) has done since it opened: see
+/// [`SqliteStore::writer_stats`](super::SqliteStore::writer_stats).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct WriterStats {
+    /// Write units run.
+    pub units: u64,
+    /// Transactions (commits or rollbacks) they ran in: fewer than `units` when
+    /// concurrent callers shared commits.
+    pub transactions: u64,
+    /// The most units one transaction ran.
+    pub largest_group: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -44,11 +66,23 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl GroupWriter {
-    pub(crate) fn new(conn: Connection) -> Self {
+    pub(crate) fn new(conn: Connection, checkpointer: Option<Checkpointer>) -> Self {
         GroupWriter {
             queue: Mutex::new(VecDeque::new()),
             turn: Condvar::new(),
             conn: Mutex::new(conn),
+            checkpointer,
+            units: AtomicU64::new(0),
+            transactions: AtomicU64::new(0),
+            largest: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn stats(&self) -> WriterStats {
+        WriterStats {
+            units: self.units.load(Ordering::Relaxed),
+            transactions: self.transactions.load(Ordering::Relaxed),
+            largest_group: self.largest.load(Ordering::Relaxed),
         }
     }
 
@@ -82,7 +116,14 @@ impl GroupWriter {
             .iter()
             .map(|j| lock(j).unit.take().expect("a queued unit runs once"))
             .collect();
+        let n = units.len() as u64;
         let outcomes = self.run_group(units);
+        self.units.fetch_add(n, Ordering::Relaxed);
+        self.transactions.fetch_add(1, Ordering::Relaxed);
+        self.largest.fetch_max(n, Ordering::Relaxed);
+        if let Some(c) = &self.checkpointer {
+            c.committed();
+        }
 
         let mut queue = lock(&self.queue);
         for (j, outcome) in group.iter().zip(outcomes) {

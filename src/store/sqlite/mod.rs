@@ -1,7 +1,10 @@
 //! [`SqliteStore`]: the default backend, on a bundled SQLite file.
 
+mod checkpoint;
 mod group;
 mod schema;
+
+pub use group::WriterStats;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -191,6 +194,22 @@ impl SqliteStore {
         )
     }
 
+    /// Counters of the writer: units run, transactions they shared, the largest group.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use stockroom::{NewProduct, ProductId, SqliteStore, StockService};
+    /// let store = Arc::new(SqliteStore::open_in_memory()?);
+    /// let stock = StockService::new(store.clone());
+    /// stock.create_product(NewProduct::plain(ProductId(1), "Mug", 5))?;
+    /// stock.reserve_stock(ProductId(1), 1, None)?;
+    /// assert_eq!(store.writer_stats().units, 2);
+    /// # Ok::<(), stockroom::Error>(())
+    /// ```
+    pub fn writer_stats(&self) -> WriterStats {
+        self.writer.stats()
+    }
+
     /// The settings this store was opened with.
     pub fn config(&self) -> &SqliteConfig {
         &self.config
@@ -221,6 +240,14 @@ impl SqliteStore {
         }
         .map_err(sql_err)?;
         writer.busy_timeout(config.busy_timeout).map_err(sql_err)?;
+        // Small pages for a new file: a reservation rewrites a few small rows in a few
+        // b-trees, and every page it touches is written whole to the WAL at commit.
+        // 1 KiB pages write a quarter of the bytes of the 4 KiB default; the loadgen
+        // example measured a third more reservations per second with them. An existing
+        // file keeps the page size it was created with.
+        writer
+            .execute_batch("PRAGMA page_size = 1024")
+            .map_err(sql_err)?;
         if !in_memory {
             // Switching a new file to WAL needs it to itself, and SQLite reports busy
             // here without calling the busy handler when another process or thread is
@@ -264,9 +291,21 @@ impl SqliteStore {
             .build(manager)
             .map_err(|e| Error::storage(BACKEND, e))?;
 
+        let checkpointer = match &location {
+            Location::File(path) => {
+                writer
+                    .execute_batch("PRAGMA wal_autocheckpoint = 0")
+                    .map_err(sql_err)?;
+                Some(
+                    checkpoint::Checkpointer::start(path, flags, config.busy_timeout)
+                        .map_err(sql_err)?,
+                )
+            }
+            Location::Memory(_) => None,
+        };
         log::debug!("sqlite: opened {target} ({config:?})");
         Ok(SqliteStore {
-            writer: group::GroupWriter::new(writer),
+            writer: group::GroupWriter::new(writer, checkpointer),
             readers,
             location,
             config,
@@ -657,9 +696,13 @@ impl StockRead for SqliteTx<'_> {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT product_id, kind, sum(available_delta), sum(reserved_delta), \
-                 sum(sold_delta) FROM stock_movements WHERE at >= ?1 AND at < ?2 \
-                 GROUP BY product_id, kind ORDER BY product_id, kind",
+                // Product by product through the (product_id, at, id) index: the ledger
+                // keeps no index by time alone, which would cost every movement one
+                // more page write.
+                "SELECT m.product_id, m.kind, sum(m.available_delta), sum(m.reserved_delta), \
+                 sum(m.sold_delta) FROM products p CROSS JOIN stock_movements m \
+                 ON m.product_id = p.id AND m.at >= ?1 AND m.at < ?2 \
+                 GROUP BY m.product_id, m.kind ORDER BY m.product_id, m.kind",
             )
             .map_err(sql_err)?;
         let rows = stmt

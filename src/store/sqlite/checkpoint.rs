@@ -1,0 +1,94 @@
+//! WAL checkpoints on a thread of their own, off the writers' path.
+//!
+//! With SQLite's automatic checkpoints, the commit that crosses the WAL size threshold
+//! copies the WAL back into the database file and syncs it before it returns: a latency
+//! spike for one unlucky caller and work repeated for pages written again and again. The
+//! store turns automatic checkpoints off on its writer and runs a `PASSIVE` checkpoint
+//! from this thread a few times a second instead, only when something was committed.
+//! `PASSIVE` never blocks writers or readers.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+
+/// How often the checkpointer looks for committed frames.
+const INTERVAL: Duration = Duration::from_millis(100);
+
+/// A running checkpointer; stopping it (on drop) runs a last checkpoint.
+pub(crate) struct Checkpointer {
+    dirty: Arc<AtomicBool>,
+    stop: Option<Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    pub(crate) fn start(path: &Path, flags: OpenFlags, busy: Duration) -> rusqlite::Result<Self> {
+        let conn = Connection::open_with_flags(path, flags)?;
+        conn.busy_timeout(busy)?;
+        let dirty = Arc::new(AtomicBool::new(false));
+        let (stop, stopped) = mpsc::channel::<()>();
+        let flag = Arc::clone(&dirty);
+        let thread = std::thread::Builder::new()
+            .name("stockroom-checkpoint".into())
+            .spawn(move || {
+                loop {
+                    let last = !matches!(
+                        stopped.recv_timeout(INTERVAL),
+                        Err(RecvTimeoutError::Timeout)
+                    );
+                    if flag.swap(false, Ordering::AcqRel) || last {
+                        checkpoint(&conn);
+                    }
+                    if last {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| {
+                rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+                    Some(format!("cannot start the checkpoint thread: {e}")),
+                )
+            })?;
+        Ok(Checkpointer {
+            dirty,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Notes that a transaction committed: the next round checkpoints.
+    pub(crate) fn committed(&self) {
+        self.dirty.store(true, Ordering::Release);
+    }
+}
+
+fn checkpoint(conn: &Connection) {
+    let result = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, i64>(2)?,
+        ))
+    });
+    match result {
+        Ok((busy, log, done)) => {
+            log::trace!("sqlite: checkpoint copied {done} of {log} WAL frames (busy {busy})")
+        }
+        Err(e) => log::debug!("sqlite: checkpoint skipped: {e}"),
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
