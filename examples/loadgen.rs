@@ -277,7 +277,10 @@ fn floor(args: &Args, threads: usize, dir: &Path) -> Result<Run, Box<dyn Error>>
     }))
 }
 
-fn library_store(args: &Args, dir: &Path) -> Result<Arc<dyn StockStore>, Box<dyn Error>> {
+/// The library's store, and the SQLite store again when it is one (for its writer stats).
+type LibraryStore = (Arc<dyn StockStore>, Option<Arc<SqliteStore>>);
+
+fn library_store(args: &Args, dir: &Path) -> Result<LibraryStore, Box<dyn Error>> {
     if let Some(url) = &args.postgres {
         #[cfg(feature = "postgres")]
         {
@@ -285,19 +288,21 @@ fn library_store(args: &Args, dir: &Path) -> Result<Arc<dyn StockStore>, Box<dyn
             let config = PostgresConfig::new(url)
                 .with_schema(schema)
                 .with_pool_size(args.threads as u32 + 1);
-            return Ok(Arc::new(PostgresStore::connect(config)?));
+            return Ok((Arc::new(PostgresStore::connect(config)?), None));
         }
         #[cfg(not(feature = "postgres"))]
         return Err(format!("--postgres {url}: build with --features postgres").into());
     }
-    Ok(Arc::new(SqliteStore::open_with(
+    let sqlite = Arc::new(SqliteStore::open_with(
         dir.join("library.db"),
         SqliteConfig::default().with_durability(args.durability),
-    )?))
+    )?);
+    Ok((sqlite.clone(), Some(sqlite)))
 }
 
 fn library(args: &Args, dir: &Path) -> Result<Run, Box<dyn Error>> {
-    let stock = StockService::new(library_store(args, dir)?);
+    let (store, sqlite) = library_store(args, dir)?;
+    let stock = StockService::new(store);
     let units = stock_units(args);
     let mut batch = Vec::new();
     for p in 1..=args.products {
@@ -314,7 +319,8 @@ fn library(args: &Args, dir: &Path) -> Result<Run, Box<dyn Error>> {
             });
         }
     });
-    Ok(drive(
+    let before = sqlite.as_ref().map(|s| s.writer_stats());
+    let run = drive(
         args,
         args.threads,
         |_| stock.clone(),
@@ -324,7 +330,20 @@ fn library(args: &Args, dir: &Path) -> Result<Run, Box<dyn Error>> {
                 .map(drop)
                 .map_err(|e| e.code().to_owned())
         },
-    ))
+    );
+    if let (Some(sqlite), Some(before)) = (sqlite, before) {
+        let after = sqlite.writer_stats();
+        let (units, txs) = (
+            after.units - before.units,
+            after.transactions - before.transactions,
+        );
+        println!(
+            "group commit: {units} units in {txs} transactions ({:.1} per commit, largest {})",
+            units as f64 / txs.max(1) as f64,
+            after.largest_group
+        );
+    }
+    Ok(run)
 }
 
 /// Peak resident memory of this process so far, in MiB (Linux).

@@ -443,10 +443,11 @@ fn a_panicking_unit_fails_only_its_own_caller() {
 }
 
 #[test]
-fn the_wal_is_checkpointed_off_the_writers_path() {
+fn under_normal_durability_the_wal_is_checkpointed_off_the_writers_path() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("stock.db");
-    let stock = service(SqliteStore::open(&path).unwrap());
+    let normal = SqliteConfig::default().with_durability(Durability::Normal);
+    let stock = service(SqliteStore::open_with(&path, normal).unwrap());
     stock
         .create_product(NewProduct::plain(MUG, "Mug", 5_000))
         .unwrap();
@@ -456,9 +457,9 @@ fn the_wal_is_checkpointed_off_the_writers_path() {
     let wal = dir.path().join("stock.db-wal");
     let grown = std::fs::metadata(&wal).unwrap().len();
     assert!(grown > 1_000_000, "2000 commits wrote {grown} bytes of WAL");
-    // The checkpointer runs every 100 ms; once it has copied everything, the next
+    // The checkpointer runs every 250 ms; once it has copied everything, the next
     // commit starts the WAL over from its beginning.
-    thread::sleep(std::time::Duration::from_millis(500));
+    thread::sleep(std::time::Duration::from_millis(800));
     stock.reserve_stock(MUG, 1, None).unwrap();
     let mut conn = Connection::open(&path).unwrap();
     let frames: i64 = conn

@@ -3,9 +3,10 @@
 //! With SQLite's automatic checkpoints, the commit that crosses the WAL size threshold
 //! copies the WAL back into the database file and syncs it before it returns: a latency
 //! spike for one unlucky caller and work repeated for pages written again and again. The
-//! store turns automatic checkpoints off on its writer and runs a `PASSIVE` checkpoint
-//! from this thread a few times a second instead, only when something was committed.
-//! `PASSIVE` never blocks writers or readers.
+//! store (with [`Durability::Normal`](super::Durability::Normal)) turns automatic
+//! checkpoints off on its writer and runs a `PASSIVE` checkpoint from this thread four
+//! times a second instead, only when something was committed. `PASSIVE` never blocks
+//! writers or readers.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags};
 
 /// How often the checkpointer looks for committed frames.
-const INTERVAL: Duration = Duration::from_millis(100);
+const INTERVAL: Duration = Duration::from_millis(250);
 
 /// A running checkpointer; stopping it (on drop) runs a last checkpoint.
 pub(crate) struct Checkpointer {

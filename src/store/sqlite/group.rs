@@ -11,7 +11,8 @@
 use std::collections::VecDeque;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::{self, Thread};
 
 use rusqlite::Connection;
 
@@ -24,18 +25,22 @@ use super::{BACKEND, SqliteTx, exec};
 /// The most units one transaction runs.
 const MAX_GROUP: usize = 512;
 
+/// The most groups one caller leads in a row before it hands over.
+const LEAD_ROUNDS: usize = 4;
+
 /// What a unit's caller gets back: its result, or the panic it raised.
 type Outcome = std::thread::Result<Result<()>>;
 
 struct Job {
     unit: Option<WriteUnit>,
     outcome: Option<Outcome>,
+    /// The caller, parked until its outcome is in or it is its turn to lead.
+    caller: Thread,
 }
 
 /// The queue of write units and the writer connection they run on.
 pub(crate) struct GroupWriter {
     queue: Mutex<VecDeque<Arc<Mutex<Job>>>>,
-    turn: Condvar,
     conn: Mutex<Connection>,
     /// Checkpoints the WAL off the writers' path (file databases only). Declared after
     /// `conn` so the writer closes first and the checkpointer's last round sees every
@@ -69,7 +74,6 @@ impl GroupWriter {
     pub(crate) fn new(conn: Connection, checkpointer: Option<Checkpointer>) -> Self {
         GroupWriter {
             queue: Mutex::new(VecDeque::new()),
-            turn: Condvar::new(),
             conn: Mutex::new(conn),
             checkpointer,
             units: AtomicU64::new(0),
@@ -92,26 +96,61 @@ impl GroupWriter {
         let job = Arc::new(Mutex::new(Job {
             unit: Some(unit),
             outcome: None,
+            caller: thread::current(),
         }));
-        let mut queue = lock(&self.queue);
-        queue.push_back(Arc::clone(&job));
-        loop {
-            if let Some(outcome) = lock(&job).outcome.take() {
-                drop(queue);
-                return match outcome {
-                    Ok(result) => result,
-                    Err(payload) => panic::resume_unwind(payload),
-                };
+        lock(&self.queue).push_back(Arc::clone(&job));
+        // Each waiting caller is woken alone (by the leader that ran its unit, or when it
+        // reaches the front), never all at once: on a small machine a crowd of callers
+        // waking for nothing costs more than the commits themselves.
+        let group = loop {
+            {
+                let queue = lock(&self.queue);
+                if let Some(outcome) = lock(&job).outcome.take() {
+                    drop(queue);
+                    return match outcome {
+                        Ok(result) => result,
+                        Err(payload) => panic::resume_unwind(payload),
+                    };
+                }
+                if queue.front().is_some_and(|front| Arc::ptr_eq(front, &job)) {
+                    // This caller leads: the units queued from the front, its own first.
+                    break queue.iter().take(MAX_GROUP).cloned().collect::<Vec<_>>();
+                }
             }
-            if queue.front().is_some_and(|front| Arc::ptr_eq(front, &job)) {
+            thread::park();
+        };
+
+        // Lead this group and, while callers keep queueing, a few more: the leader is
+        // already running, where waking the next caller to lead costs a context switch
+        // per group. The bound keeps the leader's own wait short.
+        let mut group = group;
+        for round in 0.. {
+            self.lead(&group);
+            let mut queue = lock(&self.queue);
+            for j in &group {
+                lock(j).caller.unpark();
+                queue.pop_front();
+            }
+            if queue.is_empty() {
                 break;
             }
-            queue = self.turn.wait(queue).unwrap_or_else(|e| e.into_inner());
+            if round + 1 == LEAD_ROUNDS {
+                if let Some(next) = queue.front() {
+                    lock(next).caller.unpark();
+                }
+                break;
+            }
+            group = queue.iter().take(MAX_GROUP).cloned().collect();
         }
-        // This caller leads: take the units queued from the front, its own first.
-        let group: Vec<Arc<Mutex<Job>>> = queue.iter().take(MAX_GROUP).cloned().collect();
-        drop(queue);
+        let own = lock(&job).outcome.take().expect("the leader's unit ran");
+        match own {
+            Ok(result) => result,
+            Err(payload) => panic::resume_unwind(payload),
+        }
+    }
 
+    /// Runs the units of `group` in one transaction and stores each one's outcome.
+    fn lead(&self, group: &[Arc<Mutex<Job>>]) {
         let units: Vec<WriteUnit> = group
             .iter()
             .map(|j| lock(j).unit.take().expect("a queued unit runs once"))
@@ -124,18 +163,8 @@ impl GroupWriter {
         if let Some(c) = &self.checkpointer {
             c.committed();
         }
-
-        let mut queue = lock(&self.queue);
         for (j, outcome) in group.iter().zip(outcomes) {
             lock(j).outcome = Some(outcome);
-            queue.pop_front();
-        }
-        self.turn.notify_all();
-        drop(queue);
-        let own = lock(&job).outcome.take().expect("the leader's unit ran");
-        match own {
-            Ok(result) => result,
-            Err(payload) => panic::resume_unwind(payload),
         }
     }
 
