@@ -469,3 +469,32 @@ fn under_normal_durability_the_wal_is_checkpointed_off_the_writers_path() {
     let _ = &mut conn;
     assert_eq!(levels(&stock), (2_999, 2_001, 0));
 }
+
+/// A crowd of callers that write again as soon as they return (each carrying a stale
+/// wake-up from its previous write) never makes two leaders run one group: the
+/// leader claims its units under the queue lock.
+#[test]
+fn a_crowd_of_repeat_writers_never_runs_a_group_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let normal = SqliteConfig::default().with_durability(Durability::Normal);
+    let store = Arc::new(SqliteStore::open_with(dir.path().join("crowd.db"), normal).unwrap());
+    let stock = StockService::new(store.clone());
+    stock
+        .create_product(NewProduct::plain(MUG, "Mug", 1_000_000))
+        .unwrap();
+    let handles: Vec<_> = (0..16)
+        .map(|_| {
+            let stock = stock.clone();
+            thread::spawn(move || {
+                for _ in 0..1_500 {
+                    stock.reserve_stock(MUG, 1, None).unwrap();
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert_eq!(levels(&stock), (976_000, 24_000, 0));
+    assert_eq!(store.writer_stats().units, 24_001);
+}

@@ -101,46 +101,51 @@ impl GroupWriter {
         lock(&self.queue).push_back(Arc::clone(&job));
         // Each waiting caller is woken alone (by the leader that ran its unit, or when it
         // reaches the front), never all at once: on a small machine a crowd of callers
-        // waking for nothing costs more than the commits themselves.
-        let group = loop {
+        // waking for nothing costs more than the commits themselves. A caller leads only
+        // when it is at the front and no leader has claimed its unit yet: a leader claims
+        // the units of its group under the queue lock, so a caller woken early (or
+        // spuriously) never runs a group twice.
+        let mut group = loop {
             {
                 let queue = lock(&self.queue);
-                if let Some(outcome) = lock(&job).outcome.take() {
+                let mut own = lock(&job);
+                if let Some(outcome) = own.outcome.take() {
+                    drop(own);
                     drop(queue);
                     return match outcome {
                         Ok(result) => result,
                         Err(payload) => panic::resume_unwind(payload),
                     };
                 }
-                if queue.front().is_some_and(|front| Arc::ptr_eq(front, &job)) {
-                    // This caller leads: the units queued from the front, its own first.
-                    break queue.iter().take(MAX_GROUP).cloned().collect::<Vec<_>>();
+                let at_front = queue.front().is_some_and(|front| Arc::ptr_eq(front, &job));
+                if at_front && own.unit.is_some() {
+                    drop(own);
+                    break claim(&queue);
                 }
             }
             thread::park();
         };
-
         // Lead this group and, while callers keep queueing, a few more: the leader is
         // already running, where waking the next caller to lead costs a context switch
         // per group. The bound keeps the leader's own wait short.
-        let mut group = group;
-        for round in 0.. {
-            self.lead(&group);
+        for round in 1.. {
+            let jobs: Vec<Arc<Mutex<Job>>> = group.iter().map(|(j, _)| Arc::clone(j)).collect();
+            self.lead(group);
             let mut queue = lock(&self.queue);
-            for j in &group {
+            for j in &jobs {
                 lock(j).caller.unpark();
                 queue.pop_front();
             }
             if queue.is_empty() {
                 break;
             }
-            if round + 1 == LEAD_ROUNDS {
+            if round == LEAD_ROUNDS {
                 if let Some(next) = queue.front() {
                     lock(next).caller.unpark();
                 }
                 break;
             }
-            group = queue.iter().take(MAX_GROUP).cloned().collect();
+            group = claim(&queue);
         }
         let own = lock(&job).outcome.take().expect("the leader's unit ran");
         match own {
@@ -149,12 +154,9 @@ impl GroupWriter {
         }
     }
 
-    /// Runs the units of `group` in one transaction and stores each one's outcome.
-    fn lead(&self, group: &[Arc<Mutex<Job>>]) {
-        let units: Vec<WriteUnit> = group
-            .iter()
-            .map(|j| lock(j).unit.take().expect("a queued unit runs once"))
-            .collect();
+    /// Runs a claimed group in one transaction and stores each caller's outcome.
+    fn lead(&self, group: Vec<(Arc<Mutex<Job>>, WriteUnit)>) {
+        let (jobs, units): (Vec<_>, Vec<_>) = group.into_iter().unzip();
         let n = units.len() as u64;
         let outcomes = self.run_group(units);
         self.units.fetch_add(n, Ordering::Relaxed);
@@ -163,7 +165,7 @@ impl GroupWriter {
         if let Some(c) = &self.checkpointer {
             c.committed();
         }
-        for (j, outcome) in group.iter().zip(outcomes) {
+        for (j, outcome) in jobs.iter().zip(outcomes) {
             lock(j).outcome = Some(outcome);
         }
     }
@@ -236,6 +238,19 @@ fn failed(e: Error, n: usize) -> Vec<Outcome> {
     let mut out: Vec<Outcome> = (1..n).map(|_| Ok(Err(copy(&e)))).collect();
     out.insert(0, Ok(Err(e)));
     out
+}
+
+/// Takes the units of the jobs at the front of the queue (at most [`MAX_GROUP`]), under
+/// the queue lock the caller holds: from here on they belong to this leader.
+fn claim(queue: &VecDeque<Arc<Mutex<Job>>>) -> Vec<(Arc<Mutex<Job>>, WriteUnit)> {
+    queue
+        .iter()
+        .take(MAX_GROUP)
+        .map_while(|j| {
+            let unit = lock(j).unit.take()?;
+            Some((Arc::clone(j), unit))
+        })
+        .collect()
 }
 
 /// A storage error again, for every caller of a failed group.
