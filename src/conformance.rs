@@ -2041,3 +2041,241 @@ pub fn abandoned_cart_metrics(factory: Factory<'_>) {
     assert_eq!(o.units_reserved, 6);
     assert_eq!(o.reserved_now, 2);
 }
+
+/// A store that passes everything to another store but fails the N-th storage call
+/// (counting every load and write a unit makes, across units) with
+/// [`Error::Storage`] — for proving that an operation interrupted anywhere leaves
+/// nothing partial behind.
+///
+/// ```
+/// use std::sync::Arc;
+/// use stockroom::conformance::FailingStore;
+/// use stockroom::{MemoryStore, NewProduct, ProductId, StockService};
+///
+/// let failing = Arc::new(FailingStore::new(Arc::new(MemoryStore::new())));
+/// let stock = StockService::new(failing.clone());
+/// stock.create_product(NewProduct::plain(ProductId(1), "Mug", 5))?;
+/// failing.fail_at(2); // the second storage call from now on
+/// assert_eq!(stock.reserve_stock(ProductId(1), 1, None).unwrap_err().code(), "STORAGE");
+/// failing.disarm();
+/// assert_eq!(stock.get_stock_info(ProductId(1), None)?.available_quantity, 5);
+/// # Ok::<(), stockroom::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct FailingStore {
+    inner: Arc<dyn StockStore>,
+    state: Arc<FailState>,
+}
+
+#[derive(Debug, Default)]
+struct FailState {
+    calls: std::sync::atomic::AtomicU64,
+    fail_at: std::sync::atomic::AtomicU64,
+    failed: std::sync::atomic::AtomicU64,
+}
+
+impl FailState {
+    /// Counts a call; the armed one fails.
+    fn tick(&self, what: &str) -> crate::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let n = self.calls.fetch_add(1, SeqCst) + 1;
+        if n == self.fail_at.load(SeqCst) {
+            self.failed.fetch_add(1, SeqCst);
+            return Err(Error::storage(
+                "failing",
+                format!("injected fault at storage call {n} ({what})"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl FailingStore {
+    /// Wraps `inner`; nothing fails until [`fail_at`](Self::fail_at) is called.
+    pub fn new(inner: Arc<dyn StockStore>) -> Self {
+        FailingStore {
+            inner,
+            state: Arc::new(FailState::default()),
+        }
+    }
+
+    /// Fails the `n`-th storage call from now on (1 is the next one), once.
+    pub fn fail_at(&self, n: u64) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.state.calls.store(0, SeqCst);
+        self.state.fail_at.store(n, SeqCst);
+    }
+
+    /// Stops failing.
+    pub fn disarm(&self) {
+        self.state
+            .fail_at
+            .store(0, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Storage calls made since the last [`fail_at`](Self::fail_at).
+    pub fn calls(&self) -> u64 {
+        self.state.calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// How many faults were injected so far.
+    pub fn faults(&self) -> u64 {
+        self.state.failed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl StockStore for FailingStore {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+
+    fn write(&self, mut unit: crate::WriteUnit) -> crate::Result<()> {
+        let state = Arc::clone(&self.state);
+        self.inner.write(Box::new(move |tx| {
+            unit(&mut FailingTx {
+                inner: Inner::Tx(tx),
+                state: &state,
+            })
+        }))
+    }
+
+    fn read(&self, unit: crate::ReadUnit<'_>) -> crate::Result<()> {
+        let state = Arc::clone(&self.state);
+        self.inner.read(&mut |tx| {
+            unit(&mut FailingTx {
+                inner: Inner::Read(tx),
+                state: &state,
+            })
+        })
+    }
+}
+
+enum Inner<'a> {
+    Tx(&'a mut dyn crate::StockTx),
+    Read(&'a mut dyn crate::StockRead),
+}
+
+struct FailingTx<'a> {
+    inner: Inner<'a>,
+    state: &'a FailState,
+}
+
+impl FailingTx<'_> {
+    fn read(&mut self, what: &str) -> crate::Result<&mut dyn crate::StockRead> {
+        self.state.tick(what)?;
+        Ok(match &mut self.inner {
+            Inner::Tx(tx) => &mut **tx,
+            Inner::Read(r) => &mut **r,
+        })
+    }
+
+    fn tx(&mut self, what: &str) -> crate::Result<&mut dyn crate::StockTx> {
+        self.state.tick(what)?;
+        match &mut self.inner {
+            Inner::Tx(tx) => Ok(&mut **tx),
+            Inner::Read(_) => Err(Error::storage("failing", "a write in a read unit")),
+        }
+    }
+}
+
+type R<T> = crate::Result<T>;
+
+impl crate::StockRead for FailingTx<'_> {
+    fn product(&mut self, id: ProductId) -> R<Option<crate::Product>> {
+        self.read("product")?.product(id)
+    }
+    fn stock(&mut self, p: ProductId, s: Option<&str>) -> R<Option<StockLevels>> {
+        self.read("stock")?.stock(p, s)
+    }
+    fn product_stock(&mut self, p: ProductId) -> R<Vec<(Option<String>, StockLevels)>> {
+        self.read("product_stock")?.product_stock(p)
+    }
+    fn order(&mut self, id: OrderId) -> R<Option<crate::Order>> {
+        self.read("order")?.order(id)
+    }
+    fn payment(&mut self, hash: &str) -> R<Option<crate::Payment>> {
+        self.read("payment")?.payment(hash)
+    }
+    fn payment_orders(&mut self, hash: &str) -> R<Vec<crate::Order>> {
+        self.read("payment_orders")?.payment_orders(hash)
+    }
+    fn expired_orders(
+        &mut self,
+        now: DateTime<Utc>,
+        after: Option<(DateTime<Utc>, OrderId)>,
+        limit: usize,
+    ) -> R<Vec<crate::Order>> {
+        self.read("expired_orders")?
+            .expired_orders(now, after, limit)
+    }
+    fn movements(&mut self, q: &MovementQuery) -> R<Vec<crate::StockMovement>> {
+        self.read("movements")?.movements(q)
+    }
+    fn all_stock(&mut self) -> R<Vec<crate::StockRow>> {
+        self.read("all_stock")?.all_stock()
+    }
+    fn ledger_balances(&mut self) -> R<Vec<crate::LedgerBalance>> {
+        self.read("ledger_balances")?.ledger_balances()
+    }
+    fn kind_totals(&mut self, from: DateTime<Utc>, to: DateTime<Utc>) -> R<Vec<crate::KindTotal>> {
+        self.read("kind_totals")?.kind_totals(from, to)
+    }
+    fn cart_holds(&mut self, cart: &str) -> R<Vec<crate::Hold>> {
+        self.read("cart_holds")?.cart_holds(cart)
+    }
+    fn expired_holds(
+        &mut self,
+        now: DateTime<Utc>,
+        after: Option<(DateTime<Utc>, crate::HoldId)>,
+        limit: usize,
+    ) -> R<Vec<crate::Hold>> {
+        self.read("expired_holds")?.expired_holds(now, after, limit)
+    }
+    fn reservation_breakdown(&mut self, p: ProductId, s: Option<&str>) -> R<(u64, u64)> {
+        self.read("reservation_breakdown")?
+            .reservation_breakdown(p, s)
+    }
+    fn stock_counts(
+        &mut self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> R<Vec<crate::StockCountRecord>> {
+        self.read("stock_counts")?.stock_counts(from, to)
+    }
+}
+
+impl crate::StockTx for FailingTx<'_> {
+    fn insert_product(&mut self, p: &crate::Product) -> R<bool> {
+        self.tx("insert_product")?.insert_product(p)
+    }
+    fn insert_stock(&mut self, p: ProductId, s: Option<&str>, l: StockLevels) -> R<bool> {
+        self.tx("insert_stock")?.insert_stock(p, s, l)
+    }
+    fn update_stock(&mut self, p: ProductId, s: Option<&str>, l: StockLevels) -> R<()> {
+        self.tx("update_stock")?.update_stock(p, s, l)
+    }
+    fn insert_payment(&mut self, p: &crate::Payment) -> R<()> {
+        self.tx("insert_payment")?.insert_payment(p)
+    }
+    fn update_payment(&mut self, p: &crate::Payment) -> R<()> {
+        self.tx("update_payment")?.update_payment(p)
+    }
+    fn insert_order(&mut self, o: &crate::NewOrder) -> R<OrderId> {
+        self.tx("insert_order")?.insert_order(o)
+    }
+    fn update_order(&mut self, o: &crate::Order) -> R<()> {
+        self.tx("update_order")?.update_order(o)
+    }
+    fn insert_movement(&mut self, m: &crate::NewMovement) -> R<()> {
+        self.tx("insert_movement")?.insert_movement(m)
+    }
+    fn insert_stock_count(&mut self, c: &crate::StockCountRecord) -> R<()> {
+        self.tx("insert_stock_count")?.insert_stock_count(c)
+    }
+    fn insert_hold(&mut self, h: &crate::NewHold) -> R<crate::HoldId> {
+        self.tx("insert_hold")?.insert_hold(h)
+    }
+    fn update_hold(&mut self, h: &crate::Hold) -> R<()> {
+        self.tx("update_hold")?.update_hold(h)
+    }
+}

@@ -4,16 +4,16 @@
 //! Needs `STOCKROOM_PG_URL` (`.ci/run` starts a server and sets it); without it each test
 //! prints a notice and returns.
 
-use std::collections::BTreeMap;
-use std::process::{Command, Stdio};
+mod common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
 
 use chrono::{TimeDelta, TimeZone, Utc};
 use stockroom::{
-    CheckoutRequest, Error, NewProduct, OrderConfig, OrderId, OrderLine, OrderService, OrderStatus,
-    PostgresConfig, PostgresStore, ProductId, StockLine, StockService, StockStore,
+    Error, NewProduct, OrderConfig, OrderLine, OrderService, PostgresConfig, PostgresStore,
+    ProductId, StockService, StockStore,
 };
 
 fn pg_url() -> Option<String> {
@@ -195,9 +195,6 @@ fn two_instances_cleaning_up_at_once_release_each_order_once() {
 }
 
 const CHILD_SCHEMA: &str = "STOCKROOM_TEST_CHILD_PG_SCHEMA";
-const CHILD_SEED: &str = "STOCKROOM_TEST_CHILD_SEED";
-const HOT: [ProductId; 3] = [ProductId(1), ProductId(2), ProductId(3)];
-const INITIAL: u64 = 60;
 
 /// Not a test of its own: the body of each child process of
 /// `processes_racing_for_hot_products_never_oversell`, which runs this binary again with
@@ -207,67 +204,11 @@ const INITIAL: u64 = 60;
 fn child_shopper() {
     let url = std::env::var("STOCKROOM_PG_URL").expect("child without a database URL");
     let schema = std::env::var(CHILD_SCHEMA).expect("child without a schema");
-    let mut seed: u64 = std::env::var(CHILD_SEED).unwrap().parse().unwrap();
-    let mut roll = |n: u64| {
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (seed >> 33) % n
-    };
-    let store: Arc<dyn StockStore> = Arc::new(connect(&url, &schema));
-    let stock = StockService::new(store.clone());
-    let orders = OrderService::new(store, OrderConfig::default());
-    let t0 = Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap();
-    let mut refused: BTreeMap<&'static str, u32> = BTreeMap::new();
-    for i in 0..60u64 {
-        let now = t0 + TimeDelta::seconds(i as i64 * 30);
-        let cart = format!("{schema}-{}-{i}", std::process::id());
-        let product = HOT[roll(3) as usize];
-        let quantity = 1 + roll(2);
-        match stock.hold_cart(&cart, &[StockLine::new(product, None, quantity)], now) {
-            Ok(_) => {}
-            Err(e) => {
-                *refused.entry(e.code()).or_default() += 1;
-                continue;
-            }
-        }
-        let request = CheckoutRequest::new(vec![OrderLine::new(product, None, quantity, 100)])
-            .cart(cart.as_str());
-        let checkout = match orders.checkout(request, now) {
-            Ok(c) => c,
-            Err(e) => {
-                *refused.entry(e.code()).or_default() += 1;
-                continue;
-            }
-        };
-        println!("ORDER {}", checkout.orders[0].id.0);
-        // Most pay at once, some pay late (after someone's cleanup), some never pay.
-        let pay_at = match roll(10) {
-            0..=5 => Some(now + TimeDelta::minutes(1)),
-            6 | 7 => Some(now + TimeDelta::minutes(40)),
-            _ => None,
-        };
-        if roll(4) == 0 {
-            let report = orders
-                .cleanup_expired_payments(now + TimeDelta::minutes(20))
-                .unwrap();
-            assert_eq!(report.failed_count, 0, "{report:?}");
-        }
-        if let Some(at) = pay_at {
-            if let Err(e) =
-                orders.confirm_payment_for_orders(&checkout.payment_hash, &checkout.payment_key, at)
-            {
-                *refused.entry(e.code()).or_default() += 1;
-            }
-        }
-    }
-    for code in refused.keys() {
-        assert!(
-            ["INSUFFICIENT_STOCK", "PAYMENT_EXPIRED"].contains(code),
-            "unexpected refusal {code}: {refused:?}"
-        );
-    }
-    println!("CHILD-DONE {refused:?}");
+    let seed: u64 = std::env::var("STOCKROOM_TEST_CHILD_SEED")
+        .unwrap()
+        .parse()
+        .unwrap();
+    common::shop(Arc::new(connect(&url, &schema)), seed, 60, &schema);
 }
 
 #[test]
@@ -275,80 +216,7 @@ fn processes_racing_for_hot_products_never_oversell() {
     let Some(url) = pg_url() else { return };
     let schema = fresh_schema();
     let store: Arc<dyn StockStore> = Arc::new(connect(&url, &schema));
-    let stock = StockService::new(store.clone());
-    for p in HOT {
-        stock
-            .create_product(NewProduct::plain(p, "Hot", INITIAL))
-            .unwrap();
-    }
-    let exe = std::env::current_exe().unwrap();
-    let children: Vec<_> = (0..4)
-        .map(|i| {
-            Command::new(&exe)
-                .args([
-                    "--ignored",
-                    "--exact",
-                    "child_shopper",
-                    "--nocapture",
-                    "--test-threads=1",
-                ])
-                .env(CHILD_SCHEMA, &schema)
-                .env(CHILD_SEED, (1000 + i).to_string())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("start child process")
-        })
-        .collect();
-    let mut order_ids = Vec::new();
-    for child in children {
-        let out = child.wait_with_output().unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "child failed: {stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(stdout.contains("CHILD-DONE"), "{stdout}");
-        order_ids.extend(stdout.lines().filter_map(|l| {
-            l.split_once("ORDER ")
-                .map(|(_, id)| id.trim().parse::<i64>().unwrap())
-        }));
-    }
-    assert!(
-        order_ids.len() > 20,
-        "too few orders to mean anything: {}",
-        order_ids.len()
-    );
-
-    // Every hot product: units conserved, sold units are exactly the paid orders', and
-    // reserved units are exactly the unpaid orders' and the live holds'.
-    let orders = OrderService::new(store, OrderConfig::default());
-    let mut paid: BTreeMap<ProductId, u64> = BTreeMap::new();
-    let mut waiting: BTreeMap<ProductId, u64> = BTreeMap::new();
-    for id in order_ids {
-        let order = orders.get_order(OrderId(id)).unwrap();
-        match order.status {
-            OrderStatus::Pending => *paid.entry(order.product_id).or_default() += order.quantity,
-            OrderStatus::UnderPaying => {
-                *waiting.entry(order.product_id).or_default() += order.quantity
-            }
-            OrderStatus::Cancelled => {}
-        }
-    }
-    for p in HOT {
-        let info = stock.get_stock_info(p, None).unwrap();
-        let b = stock.get_reservation_breakdown(p, None).unwrap();
-        assert_eq!(
-            info.available_quantity + info.reserved_quantity + info.sold_quantity,
-            INITIAL
-        );
-        assert!(info.sold_quantity <= INITIAL, "oversold {p}");
-        assert_eq!(info.sold_quantity, paid.get(&p).copied().unwrap_or(0));
-        assert_eq!(b.awaiting_payment, waiting.get(&p).copied().unwrap_or(0));
-        assert_eq!(b.reserved_otherwise, 0);
-    }
-    let ledger = stock.verify_ledger().unwrap();
-    assert_eq!(ledger.rows_checked, 3);
-    assert!(ledger.is_consistent(), "{:?}", ledger.mismatches);
+    common::stock_up(store.clone());
+    let ids = common::run_children("child_shopper", 4, &[(CHILD_SCHEMA, schema)]);
+    common::verify_after_race(store, &ids);
 }
