@@ -122,11 +122,46 @@ impl Picker {
     }
 }
 
+/// Latencies in whole microseconds up to 100 ms, one counter each (and the exact
+/// maximum): a fixed amount of memory however long the run, so that the peak memory
+/// printed at the end is the library's, not the measurement's.
+const BUCKETS: usize = 100_001;
+
+struct Histogram {
+    counts: Vec<u64>,
+    max_us: u64,
+}
+
+impl Histogram {
+    fn new() -> Self {
+        Histogram {
+            counts: vec![0; BUCKETS],
+            max_us: 0,
+        }
+    }
+
+    fn record(&mut self, us: u64) {
+        self.counts[(us as usize).min(BUCKETS - 1)] += 1;
+        self.max_us = self.max_us.max(us);
+    }
+
+    fn merge(&mut self, other: &Histogram) {
+        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            *a += b;
+        }
+        self.max_us = self.max_us.max(other.max_us);
+    }
+
+    fn total(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+}
+
 /// What one run measured.
 struct Run {
     ops: u64,
     elapsed: Duration,
-    latencies_us: Vec<u32>,
+    latencies: Histogram,
     errors: BTreeMap<String, u64>,
 }
 
@@ -135,13 +170,23 @@ impl Run {
         self.ops as f64 / self.elapsed.as_secs_f64()
     }
 
+    /// The latency at quantile `p`, in milliseconds; `p = 1` is the maximum.
     fn percentile(&self, p: f64) -> f64 {
-        if self.latencies_us.is_empty() {
+        if self.ops == 0 {
             return 0.0;
         }
-        let i = ((self.latencies_us.len() as f64 * p).ceil() as usize)
-            .clamp(1, self.latencies_us.len());
-        f64::from(self.latencies_us[i - 1]) / 1000.0
+        if p >= 1.0 {
+            return self.latencies.max_us as f64 / 1000.0;
+        }
+        let rank = ((self.ops as f64 * p).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (us, n) in self.latencies.counts.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return us as f64 / 1000.0;
+            }
+        }
+        self.latencies.max_us as f64 / 1000.0
     }
 }
 
@@ -166,7 +211,7 @@ fn drive<S: Send + 'static>(
                 hot_share: args.hot_share,
             };
             thread::spawn(move || {
-                let mut latencies = Vec::with_capacity(1 << 16);
+                let mut latencies = Histogram::new();
                 let mut errors: BTreeMap<String, u64> = BTreeMap::new();
                 barrier.wait();
                 while !stop.load(Ordering::Relaxed) {
@@ -178,8 +223,7 @@ fn drive<S: Send + 'static>(
                     let product = picker.next();
                     let start = Instant::now();
                     let result = op(&mut state, product);
-                    let us = start.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
-                    latencies.push(us);
+                    latencies.record(start.elapsed().as_micros() as u64);
                     if let Err(code) = result {
                         *errors.entry(code).or_default() += 1;
                     }
@@ -197,19 +241,18 @@ fn drive<S: Send + 'static>(
     let mut run = Run {
         ops: 0,
         elapsed: Duration::ZERO,
-        latencies_us: Vec::new(),
+        latencies: Histogram::new(),
         errors: BTreeMap::new(),
     };
     for h in handles {
         let (lat, errs) = h.join().expect("load thread");
-        run.latencies_us.extend(lat);
+        run.latencies.merge(&lat);
         for (k, v) in errs {
             *run.errors.entry(k).or_default() += v;
         }
     }
     run.elapsed = start.elapsed();
-    run.ops = run.latencies_us.len() as u64;
-    run.latencies_us.sort_unstable();
+    run.ops = run.latencies.total();
     run
 }
 

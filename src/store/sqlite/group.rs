@@ -28,6 +28,13 @@ const MAX_GROUP: usize = 512;
 /// The most groups one caller leads in a row before it hands over.
 const LEAD_ROUNDS: usize = 4;
 
+/// With the background checkpointer, every this many transactions the leader checkpoints
+/// too, between two transactions: the background thread has copied most frames already,
+/// so this short checkpoint catches up completely and the next write starts the WAL over.
+/// A checkpoint that runs beside a stream of writes never catches up by itself, and the
+/// WAL would grow without bound.
+const RESTART_EVERY: u64 = 2_000;
+
 /// What a unit's caller gets back: its result, or the panic it raised.
 type Outcome = std::thread::Result<Result<()>>;
 
@@ -160,10 +167,22 @@ impl GroupWriter {
         let n = units.len() as u64;
         let outcomes = self.run_group(units);
         self.units.fetch_add(n, Ordering::Relaxed);
-        self.transactions.fetch_add(1, Ordering::Relaxed);
+        let done = self.transactions.fetch_add(1, Ordering::Relaxed) + 1;
         self.largest.fetch_max(n, Ordering::Relaxed);
         if let Some(c) = &self.checkpointer {
             c.committed();
+            if done % RESTART_EVERY == 0 {
+                let conn = lock(&self.conn);
+                let result = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                    Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                });
+                match result {
+                    Ok((log, done)) => {
+                        log::trace!("sqlite: writer checkpoint copied {done} of {log} frames")
+                    }
+                    Err(e) => log::debug!("sqlite: writer checkpoint skipped: {e}"),
+                }
+            }
         }
         for (j, outcome) in jobs.iter().zip(outcomes) {
             lock(j).outcome = Some(outcome);

@@ -270,7 +270,8 @@ impl SqliteStore {
         };
         writer
             .execute_batch(&format!(
-                "PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON;"
+                "PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON; \
+                 PRAGMA journal_size_limit = 67108864;"
             ))
             .map_err(sql_err)?;
         writer.set_prepared_statement_cache_capacity(64);
