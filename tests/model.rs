@@ -536,9 +536,11 @@ fn run(name: &str, default_cases: u32, make: &dyn Fn() -> Arc<dyn StockStore>) {
         failure_persistence: None,
         ..Config::default()
     });
+    let steps = std::sync::atomic::AtomicUsize::new(0);
     let result = runner.run(&proptest::collection::vec(op(), 1..40), |ops| {
         let mut real = Real::new(make());
         let mut model = Model::new();
+        steps.fetch_add(ops.len(), std::sync::atomic::Ordering::Relaxed);
         for (step, op) in ops.iter().enumerate() {
             let got = real.apply(op, &model)?;
             let want = model.apply(op);
@@ -550,7 +552,10 @@ fn run(name: &str, default_cases: u32, make: &dyn Fn() -> Arc<dyn StockStore>) {
     if let Err(e) = result {
         panic!("{name}: {e}");
     }
-    println!("model: {name}: {cases} cases passed");
+    println!(
+        "model: {name}: {cases} cases, {} operations, each checked against the model",
+        steps.into_inner()
+    );
 }
 
 #[test]

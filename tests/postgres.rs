@@ -218,5 +218,6 @@ fn processes_racing_for_hot_products_never_oversell() {
     let store: Arc<dyn StockStore> = Arc::new(connect(&url, &schema));
     common::stock_up(store.clone());
     let ids = common::run_children("child_shopper", 4, &[(CHILD_SCHEMA, schema)]);
+    println!("race: 4 processes on PostgreSQL, {} orders", ids.len());
     common::verify_after_race(store, &ids);
 }

@@ -33,6 +33,7 @@ fn threads_racing_on_one_file_never_oversell() {
     let ids: Vec<i64> = (1..)
         .take_while(|id| orders.get_order(stockroom::OrderId(*id)).is_ok())
         .collect();
+    println!("race: 6 threads, {} orders", ids.len());
     common::verify_after_race(store, &ids);
 }
 
@@ -61,5 +62,6 @@ fn processes_racing_on_one_file_never_oversell() {
         4,
         &[(CHILD_DB, path.to_string_lossy().into_owned())],
     );
+    println!("race: 4 processes on one SQLite file, {} orders", ids.len());
     common::verify_after_race(store, &ids);
 }
