@@ -500,93 +500,102 @@ fn order_from_row(row: &Row<'_>) -> rusqlite::Result<Order> {
     })
 }
 
+impl SqliteTx<'_> {
+    /// Every row `sql` returns, mapped.
+    fn all<T>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        map: impl FnMut(&Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>> {
+        let mut stmt = self.conn.prepare_cached(sql).map_err(sql_err)?;
+        let rows = stmt.query_map(params, map).map_err(sql_err)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(sql_err)
+    }
+
+    /// The one row `sql` returns, if any, mapped.
+    fn one<T>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        map: impl FnOnce(&Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Option<T>> {
+        let mut stmt = self.conn.prepare_cached(sql).map_err(sql_err)?;
+        stmt.query_row(params, map).optional().map_err(sql_err)
+    }
+
+    /// Runs a statement that returns no rows; the number of rows it changed.
+    fn run(&self, sql: &str, params: impl rusqlite::Params) -> Result<usize> {
+        let mut stmt = self.conn.prepare_cached(sql).map_err(sql_err)?;
+        stmt.execute(params).map_err(sql_err)
+    }
+}
+
 impl StockRead for SqliteTx<'_> {
     fn product(&mut self, id: ProductId) -> Result<Option<Product>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT name, has_sizes FROM products WHERE id = ?1")
-            .map_err(sql_err)?;
-        stmt.query_row([id.0], |r| {
-            Ok(Product {
-                id,
-                name: r.get(0)?,
-                has_sizes: r.get(1)?,
-            })
-        })
-        .optional()
-        .map_err(sql_err)
+        self.one(
+            "SELECT name, has_sizes FROM products WHERE id = ?1",
+            [id.0],
+            |r| {
+                Ok(Product {
+                    id,
+                    name: r.get(0)?,
+                    has_sizes: r.get(1)?,
+                })
+            },
+        )
     }
 
     fn stock(&mut self, product: ProductId, size: Option<&str>) -> Result<Option<StockLevels>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT available, reserved, sold FROM stock WHERE product_id = ?1 AND size = ?2",
-            )
-            .map_err(sql_err)?;
-        stmt.query_row(params![product.0, size_db(size)], |r| levels_from_row(r, 0))
-            .optional()
-            .map_err(sql_err)
+        self.one(
+            "SELECT available, reserved, sold FROM stock WHERE product_id = ?1 AND size = ?2",
+            params![product.0, size_db(size)],
+            |r| levels_from_row(r, 0),
+        )
     }
 
     fn product_stock(&mut self, product: ProductId) -> Result<Vec<(Option<String>, StockLevels)>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT size, available, reserved, sold FROM stock WHERE product_id = ?1 \
-                 ORDER BY size",
-            )
-            .map_err(sql_err)?;
-        let rows = stmt
-            .query_map([product.0], |r| {
-                Ok((size_from_db(r.get(0)?), levels_from_row(r, 1)?))
-            })
-            .map_err(sql_err)?;
-        rows.collect::<rusqlite::Result<_>>().map_err(sql_err)
+        self.all(
+            "SELECT size, available, reserved, sold FROM stock WHERE product_id = ?1 \
+             ORDER BY size",
+            [product.0],
+            |r| Ok((size_from_db(r.get(0)?), levels_from_row(r, 1)?)),
+        )
     }
 
     fn order(&mut self, id: OrderId) -> Result<Option<Order>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = ?1"))
-            .map_err(sql_err)?;
-        stmt.query_row([id.0], order_from_row)
-            .optional()
-            .map_err(sql_err)
+        self.one(
+            &format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = ?1"),
+            [id.0],
+            order_from_row,
+        )
     }
 
     fn payment(&mut self, hash: &str) -> Result<Option<Payment>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT key, amount, status, created_at, expires_at, paid_at \
-                 FROM payments WHERE hash = ?1",
-            )
-            .map_err(sql_err)?;
-        stmt.query_row([hash], |r| {
-            Ok(Payment {
-                hash: hash.to_owned(),
-                key: r.get(0)?,
-                amount: column_u64(r, 1)?,
-                status: column_payment_status(r, 2)?,
-                created_at: column_time(r, 3)?,
-                expires_at: column_time(r, 4)?,
-                paid_at: column_opt_time(r, 5)?,
-            })
-        })
-        .optional()
-        .map_err(sql_err)
+        self.one(
+            "SELECT key, amount, status, created_at, expires_at, paid_at \
+             FROM payments WHERE hash = ?1",
+            [hash],
+            |r| {
+                Ok(Payment {
+                    hash: hash.to_owned(),
+                    key: r.get(0)?,
+                    amount: column_u64(r, 1)?,
+                    status: column_payment_status(r, 2)?,
+                    created_at: column_time(r, 3)?,
+                    expires_at: column_time(r, 4)?,
+                    paid_at: column_opt_time(r, 5)?,
+                })
+            },
+        )
     }
 
     fn payment_orders(&mut self, hash: &str) -> Result<Vec<Order>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(&format!(
-                "SELECT {ORDER_COLUMNS} FROM orders WHERE payment_hash = ?1 ORDER BY id"
-            ))
-            .map_err(sql_err)?;
-        let rows = stmt.query_map([hash], order_from_row).map_err(sql_err)?;
-        rows.collect::<rusqlite::Result<_>>().map_err(sql_err)
+        self.all(
+            &format!("SELECT {ORDER_COLUMNS} FROM orders WHERE payment_hash = ?1 ORDER BY id"),
+            [hash],
+            order_from_row,
+        )
     }
 
     fn expired_orders(
@@ -596,144 +605,113 @@ impl StockRead for SqliteTx<'_> {
         limit: usize,
     ) -> Result<Vec<Order>> {
         let (after_t, after_id) = after.map_or((i64::MIN, i64::MIN), |(t, id)| (time_db(t), id.0));
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let mut stmt = self
-            .conn
-            .prepare_cached(&format!(
+        self.all(
+            &format!(
                 "SELECT {ORDER_COLUMNS} FROM orders \
                  WHERE status = 'under_paying' AND payment_expires_at < ?1 \
                    AND (payment_expires_at, id) > (?2, ?3) \
                  ORDER BY payment_expires_at, id LIMIT ?4"
-            ))
-            .map_err(sql_err)?;
-        let rows = stmt
-            .query_map(
-                params![time_db(now), after_t, after_id, limit],
-                order_from_row,
-            )
-            .map_err(sql_err)?;
-        rows.collect::<rusqlite::Result<_>>().map_err(sql_err)
+            ),
+            params![time_db(now), after_t, after_id, db_limit(limit)],
+            order_from_row,
+        )
     }
 
     fn movements(&mut self, query: &MovementQuery) -> Result<Vec<StockMovement>> {
         let (after_t, after_id) = query
             .after
             .map_or((i64::MIN, i64::MIN), |(t, id)| (time_db(t), id));
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT id, at, product_id, size, kind, available_delta, reserved_delta, \
-                 sold_delta, order_id, payment_hash, reference FROM stock_movements \
-                 WHERE product_id = ?1 AND (?2 IS NULL OR size = ?2) AND at >= ?3 AND at < ?4 \
-                   AND (at, id) > (?5, ?6) \
-                 ORDER BY at, id LIMIT ?7",
-            )
-            .map_err(sql_err)?;
-        let rows = stmt
-            .query_map(
-                params![
-                    query.product_id.0,
-                    query.size,
-                    query.from.map_or(i64::MIN, time_db),
-                    query.to.map_or(i64::MAX, time_db),
-                    after_t,
-                    after_id,
-                    i64::try_from(query.limit).unwrap_or(i64::MAX)
-                ],
-                |r| {
-                    Ok(StockMovement {
-                        id: r.get(0)?,
-                        at: column_time(r, 1)?,
-                        product_id: ProductId(r.get(2)?),
-                        size: size_from_db(r.get(3)?),
-                        kind: column_kind(r, 4)?,
-                        delta: delta_from_row(r, 5)?,
-                        order_id: r.get::<_, Option<i64>>(8)?.map(OrderId),
-                        payment_hash: r.get(9)?,
-                        reference: r.get(10)?,
-                    })
-                },
-            )
-            .map_err(sql_err)?;
-        rows.collect::<rusqlite::Result<_>>().map_err(sql_err)
+        self.all(
+            "SELECT id, at, product_id, size, kind, available_delta, reserved_delta, \
+             sold_delta, order_id, payment_hash, reference FROM stock_movements \
+             WHERE product_id = ?1 AND (?2 IS NULL OR size = ?2) AND at >= ?3 AND at < ?4 \
+               AND (at, id) > (?5, ?6) \
+             ORDER BY at, id LIMIT ?7",
+            params![
+                query.product_id.0,
+                query.size,
+                query.from.map_or(i64::MIN, time_db),
+                query.to.map_or(i64::MAX, time_db),
+                after_t,
+                after_id,
+                db_limit(query.limit)
+            ],
+            |r| {
+                Ok(StockMovement {
+                    id: r.get(0)?,
+                    at: column_time(r, 1)?,
+                    product_id: ProductId(r.get(2)?),
+                    size: size_from_db(r.get(3)?),
+                    kind: column_kind(r, 4)?,
+                    delta: delta_from_row(r, 5)?,
+                    order_id: r.get::<_, Option<i64>>(8)?.map(OrderId),
+                    payment_hash: r.get(9)?,
+                    reference: r.get(10)?,
+                })
+            },
+        )
     }
 
     fn all_stock(&mut self) -> Result<Vec<StockRow>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT product_id, size, available, reserved, sold FROM stock \
-                 ORDER BY product_id, size",
-            )
-            .map_err(sql_err)?;
-        let rows = stmt
-            .query_map([], |r| {
+        self.all(
+            "SELECT product_id, size, available, reserved, sold FROM stock \
+             ORDER BY product_id, size",
+            [],
+            |r| {
                 Ok((
                     ProductId(r.get(0)?),
                     size_from_db(r.get(1)?),
                     levels_from_row(r, 2)?,
                 ))
-            })
-            .map_err(sql_err)?;
-        rows.collect::<rusqlite::Result<_>>().map_err(sql_err)
+            },
+        )
     }
 
     fn ledger_balances(&mut self) -> Result<Vec<LedgerBalance>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT product_id, size, sum(available_delta), sum(reserved_delta), \
-                 sum(sold_delta) FROM stock_movements GROUP BY product_id, size \
-                 ORDER BY product_id, size",
-            )
-            .map_err(sql_err)?;
-        let rows = stmt
-            .query_map([], |r| {
+        self.all(
+            "SELECT product_id, size, sum(available_delta), sum(reserved_delta), \
+             sum(sold_delta) FROM stock_movements GROUP BY product_id, size \
+             ORDER BY product_id, size",
+            [],
+            |r| {
                 Ok((
                     ProductId(r.get(0)?),
                     size_from_db(r.get(1)?),
                     delta_from_row(r, 2)?,
                 ))
-            })
-            .map_err(sql_err)?;
-        rows.collect::<rusqlite::Result<_>>().map_err(sql_err)
+            },
+        )
     }
 
     fn kind_totals(&mut self, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<Vec<KindTotal>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                // Product by product through the (product_id, at, id) index: the ledger
-                // keeps no index by time alone, which would cost every movement one
-                // more page write.
-                "SELECT m.product_id, m.kind, sum(m.available_delta), sum(m.reserved_delta), \
-                 sum(m.sold_delta) FROM products p CROSS JOIN stock_movements m \
-                 ON m.product_id = p.id AND m.at >= ?1 AND m.at < ?2 \
-                 GROUP BY m.product_id, m.kind ORDER BY m.product_id, m.kind",
-            )
-            .map_err(sql_err)?;
-        let rows = stmt
-            .query_map([time_db(from), time_db(to)], |r| {
+        self.all(
+            // Product by product through the (product_id, at, id) index: the ledger
+            // keeps no index by time alone, which would cost every movement one more
+            // page write.
+            "SELECT m.product_id, m.kind, sum(m.available_delta), sum(m.reserved_delta), \
+             sum(m.sold_delta) FROM products p CROSS JOIN stock_movements m \
+             ON m.product_id = p.id AND m.at >= ?1 AND m.at < ?2 \
+             GROUP BY m.product_id, m.kind ORDER BY m.product_id, m.kind",
+            [time_db(from), time_db(to)],
+            |r| {
                 Ok(KindTotal {
                     product_id: ProductId(r.get(0)?),
                     kind: column_kind(r, 1)?,
                     delta: delta_from_row(r, 2)?,
                 })
-            })
-            .map_err(sql_err)?;
-        rows.collect::<rusqlite::Result<_>>().map_err(sql_err)
+            },
+        )
     }
 
     fn cart_holds(&mut self, cart_id: &str) -> Result<Vec<Hold>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(&format!(
+        self.all(
+            &format!(
                 "SELECT {HOLD_COLUMNS} FROM cart_holds WHERE cart_id = ?1 AND status = 'active' \
                  ORDER BY id"
-            ))
-            .map_err(sql_err)?;
-        let rows = stmt.query_map([cart_id], hold_from_row).map_err(sql_err)?;
-        rows.collect::<rusqlite::Result<_>>().map_err(sql_err)
+            ),
+            [cart_id],
+            hold_from_row,
+        )
     }
 
     fn expired_holds(
@@ -743,22 +721,15 @@ impl StockRead for SqliteTx<'_> {
         limit: usize,
     ) -> Result<Vec<Hold>> {
         let (after_t, after_id) = after.map_or((i64::MIN, i64::MIN), |(t, id)| (time_db(t), id.0));
-        let mut stmt = self
-            .conn
-            .prepare_cached(&format!(
+        self.all(
+            &format!(
                 "SELECT {HOLD_COLUMNS} FROM cart_holds \
                  WHERE status = 'active' AND expires_at < ?1 AND (expires_at, id) > (?2, ?3) \
                  ORDER BY expires_at, id LIMIT ?4"
-            ))
-            .map_err(sql_err)?;
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = stmt
-            .query_map(
-                params![time_db(now), after_t, after_id, limit],
-                hold_from_row,
-            )
-            .map_err(sql_err)?;
-        rows.collect::<rusqlite::Result<_>>().map_err(sql_err)
+            ),
+            params![time_db(now), after_t, after_id, db_limit(limit)],
+            hold_from_row,
+        )
     }
 
     fn reservation_breakdown(
@@ -766,20 +737,16 @@ impl StockRead for SqliteTx<'_> {
         product: ProductId,
         size: Option<&str>,
     ) -> Result<(u64, u64)> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT \
-                   (SELECT coalesce(sum(quantity), 0) FROM cart_holds \
-                     WHERE product_id = ?1 AND size = ?2 AND status = 'active'), \
-                   (SELECT coalesce(sum(quantity), 0) FROM orders \
-                     WHERE product_id = ?1 AND size = ?2 AND status = 'under_paying')",
-            )
-            .map_err(sql_err)?;
-        stmt.query_row(params![product.0, size_db(size)], |r| {
-            Ok((column_u64(r, 0)?, column_u64(r, 1)?))
-        })
-        .map_err(sql_err)
+        let sums = self.one(
+            "SELECT \
+               (SELECT coalesce(sum(quantity), 0) FROM cart_holds \
+                 WHERE product_id = ?1 AND size = ?2 AND status = 'active'), \
+               (SELECT coalesce(sum(quantity), 0) FROM orders \
+                 WHERE product_id = ?1 AND size = ?2 AND status = 'under_paying')",
+            params![product.0, size_db(size)],
+            |r| Ok((column_u64(r, 0)?, column_u64(r, 1)?)),
+        )?;
+        Ok(sums.unwrap_or((0, 0)))
     }
 
     fn stock_counts(
@@ -787,16 +754,12 @@ impl StockRead for SqliteTx<'_> {
         from: DateTime<Utc>,
         to: DateTime<Utc>,
     ) -> Result<Vec<StockCountRecord>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT at, product_id, size, expected, counted, discrepancy, applied, \
-                 available, reserved, sold FROM stock_counts WHERE at >= ?1 AND at < ?2 \
-                 ORDER BY at, id",
-            )
-            .map_err(sql_err)?;
-        let rows = stmt
-            .query_map([time_db(from), time_db(to)], |r| {
+        self.all(
+            "SELECT at, product_id, size, expected, counted, discrepancy, applied, \
+             available, reserved, sold FROM stock_counts WHERE at >= ?1 AND at < ?2 \
+             ORDER BY at, id",
+            [time_db(from), time_db(to)],
+            |r| {
                 Ok(StockCountRecord {
                     at: column_time(r, 0)?,
                     count: StockCount {
@@ -809,24 +772,18 @@ impl StockRead for SqliteTx<'_> {
                         levels: levels_from_row(r, 7)?,
                     },
                 })
-            })
-            .map_err(sql_err)?;
-        rows.collect::<rusqlite::Result<_>>().map_err(sql_err)
+            },
+        )
     }
 }
 
 impl StockTx for SqliteTx<'_> {
     fn insert_product(&mut self, product: &Product) -> Result<bool> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "INSERT INTO products (id, name, has_sizes) VALUES (?1, ?2, ?3) \
-                 ON CONFLICT (id) DO NOTHING",
-            )
-            .map_err(sql_err)?;
-        let n = stmt
-            .execute(params![product.id.0, product.name, product.has_sizes])
-            .map_err(sql_err)?;
+        let n = self.run(
+            "INSERT INTO products (id, name, has_sizes) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (id) DO NOTHING",
+            params![product.id.0, product.name, product.has_sizes],
+        )?;
         Ok(n == 1)
     }
 
@@ -836,22 +793,17 @@ impl StockTx for SqliteTx<'_> {
         size: Option<&str>,
         levels: StockLevels,
     ) -> Result<bool> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "INSERT INTO stock (product_id, size, available, reserved, sold) \
-                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (product_id, size) DO NOTHING",
-            )
-            .map_err(sql_err)?;
-        let n = stmt
-            .execute(params![
+        let n = self.run(
+            "INSERT INTO stock (product_id, size, available, reserved, sold) \
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (product_id, size) DO NOTHING",
+            params![
                 product.0,
                 size_db(size),
                 to_db(levels.available)?,
                 to_db(levels.reserved)?,
                 to_db(levels.sold)?
-            ])
-            .map_err(sql_err)?;
+            ],
+        )?;
         Ok(n == 1)
     }
 
@@ -861,192 +813,159 @@ impl StockTx for SqliteTx<'_> {
         size: Option<&str>,
         levels: StockLevels,
     ) -> Result<()> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "UPDATE stock SET available = ?3, reserved = ?4, sold = ?5 \
-                 WHERE product_id = ?1 AND size = ?2",
-            )
-            .map_err(sql_err)?;
-        let n = stmt
-            .execute(params![
+        let n = self.run(
+            "UPDATE stock SET available = ?3, reserved = ?4, sold = ?5 \
+             WHERE product_id = ?1 AND size = ?2",
+            params![
                 product.0,
                 size_db(size),
                 to_db(levels.available)?,
                 to_db(levels.reserved)?,
                 to_db(levels.sold)?
-            ])
-            .map_err(sql_err)?;
+            ],
+        )?;
         expect_one(n, "stock row")
     }
 
     fn insert_payment(&mut self, payment: &Payment) -> Result<()> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "INSERT INTO payments (hash, key, amount, status, created_at, expires_at, paid_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )
-            .map_err(sql_err)?;
-        stmt.execute(params![
-            payment.hash,
-            payment.key,
-            to_db(payment.amount)?,
-            payment.status.as_str(),
-            time_db(payment.created_at),
-            time_db(payment.expires_at),
-            payment.paid_at.map(time_db)
-        ])
-        .map_err(sql_err)?;
+        self.run(
+            "INSERT INTO payments (hash, key, amount, status, created_at, expires_at, paid_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                payment.hash,
+                payment.key,
+                to_db(payment.amount)?,
+                payment.status.as_str(),
+                time_db(payment.created_at),
+                time_db(payment.expires_at),
+                payment.paid_at.map(time_db)
+            ],
+        )?;
         Ok(())
     }
 
     fn update_payment(&mut self, payment: &Payment) -> Result<()> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("UPDATE payments SET status = ?2, paid_at = ?3 WHERE hash = ?1")
-            .map_err(sql_err)?;
-        let n = stmt
-            .execute(params![
+        let n = self.run(
+            "UPDATE payments SET status = ?2, paid_at = ?3 WHERE hash = ?1",
+            params![
                 payment.hash,
                 payment.status.as_str(),
                 payment.paid_at.map(time_db)
-            ])
-            .map_err(sql_err)?;
+            ],
+        )?;
         expect_one(n, "payment")
     }
 
     fn insert_order(&mut self, order: &NewOrder) -> Result<OrderId> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "INSERT INTO orders (payment_hash, product_id, size, quantity, unit_price, \
-                 customer_ref, status, payment_status, created_at, payment_expires_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'under_paying', 'pending', ?7, ?8)",
-            )
-            .map_err(sql_err)?;
-        stmt.execute(params![
-            order.payment_hash,
-            order.product_id.0,
-            size_db(order.size.as_deref()),
-            to_db(order.quantity)?,
-            to_db(order.unit_price)?,
-            order.customer_ref,
-            time_db(order.created_at),
-            time_db(order.payment_expires_at)
-        ])
-        .map_err(sql_err)?;
+        self.run(
+            "INSERT INTO orders (payment_hash, product_id, size, quantity, unit_price, \
+             customer_ref, status, payment_status, created_at, payment_expires_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'under_paying', 'pending', ?7, ?8)",
+            params![
+                order.payment_hash,
+                order.product_id.0,
+                size_db(order.size.as_deref()),
+                to_db(order.quantity)?,
+                to_db(order.unit_price)?,
+                order.customer_ref,
+                time_db(order.created_at),
+                time_db(order.payment_expires_at)
+            ],
+        )?;
         Ok(OrderId(self.conn.last_insert_rowid()))
     }
 
     fn update_order(&mut self, order: &Order) -> Result<()> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "UPDATE orders SET status = ?2, payment_status = ?3, paid_at = ?4, \
-                 admin_notes = ?5 WHERE id = ?1",
-            )
-            .map_err(sql_err)?;
-        let n = stmt
-            .execute(params![
+        let n = self.run(
+            "UPDATE orders SET status = ?2, payment_status = ?3, paid_at = ?4, \
+             admin_notes = ?5 WHERE id = ?1",
+            params![
                 order.id.0,
                 order.status.as_str(),
                 order.payment_status.as_str(),
                 order.paid_at.map(time_db),
                 order.admin_notes
-            ])
-            .map_err(sql_err)?;
+            ],
+        )?;
         expect_one(n, "order")
     }
 
     fn insert_movement(&mut self, m: &NewMovement) -> Result<()> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "INSERT INTO stock_movements (at, product_id, size, kind, available_delta, \
-                 reserved_delta, sold_delta, order_id, payment_hash, reference) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            )
-            .map_err(sql_err)?;
-        stmt.execute(params![
-            time_db(m.at),
-            m.product_id.0,
-            size_db(m.size.as_deref()),
-            m.kind.as_str(),
-            m.delta.available,
-            m.delta.reserved,
-            m.delta.sold,
-            m.order_id.map(|o| o.0),
-            m.payment_hash,
-            m.reference
-        ])
-        .map_err(sql_err)?;
+        self.run(
+            "INSERT INTO stock_movements (at, product_id, size, kind, available_delta, \
+             reserved_delta, sold_delta, order_id, payment_hash, reference) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                time_db(m.at),
+                m.product_id.0,
+                size_db(m.size.as_deref()),
+                m.kind.as_str(),
+                m.delta.available,
+                m.delta.reserved,
+                m.delta.sold,
+                m.order_id.map(|o| o.0),
+                m.payment_hash,
+                m.reference
+            ],
+        )?;
         Ok(())
-    }
-
-    fn insert_hold(&mut self, hold: &NewHold) -> Result<HoldId> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "INSERT INTO cart_holds (cart_id, product_id, size, quantity, status, created_at, \
-                 expires_at) VALUES (?1, ?2, ?3, ?4, 'active', ?5, ?6)",
-            )
-            .map_err(sql_err)?;
-        stmt.execute(params![
-            hold.cart_id,
-            hold.product_id.0,
-            size_db(hold.size.as_deref()),
-            to_db(hold.quantity)?,
-            time_db(hold.created_at),
-            time_db(hold.expires_at)
-        ])
-        .map_err(sql_err)?;
-        Ok(HoldId(self.conn.last_insert_rowid()))
-    }
-
-    fn update_hold(&mut self, hold: &Hold) -> Result<()> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "UPDATE cart_holds SET quantity = ?2, status = ?3, expires_at = ?4 WHERE id = ?1",
-            )
-            .map_err(sql_err)?;
-        let n = stmt
-            .execute(params![
-                hold.id.0,
-                to_db(hold.quantity)?,
-                hold.status.as_str(),
-                time_db(hold.expires_at)
-            ])
-            .map_err(sql_err)?;
-        expect_one(n, "hold")
     }
 
     fn insert_stock_count(&mut self, record: &StockCountRecord) -> Result<()> {
         let c = &record.count;
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "INSERT INTO stock_counts (at, product_id, size, expected, counted, discrepancy, \
-                 applied, available, reserved, sold) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            )
-            .map_err(sql_err)?;
-        stmt.execute(params![
-            time_db(record.at),
-            c.product_id.0,
-            size_db(c.size.as_deref()),
-            to_db(c.expected)?,
-            to_db(c.counted)?,
-            c.discrepancy,
-            c.applied,
-            to_db(c.levels.available)?,
-            to_db(c.levels.reserved)?,
-            to_db(c.levels.sold)?
-        ])
-        .map_err(sql_err)?;
+        self.run(
+            "INSERT INTO stock_counts (at, product_id, size, expected, counted, discrepancy, \
+             applied, available, reserved, sold) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                time_db(record.at),
+                c.product_id.0,
+                size_db(c.size.as_deref()),
+                to_db(c.expected)?,
+                to_db(c.counted)?,
+                c.discrepancy,
+                c.applied,
+                to_db(c.levels.available)?,
+                to_db(c.levels.reserved)?,
+                to_db(c.levels.sold)?
+            ],
+        )?;
         Ok(())
     }
+
+    fn insert_hold(&mut self, hold: &NewHold) -> Result<HoldId> {
+        self.run(
+            "INSERT INTO cart_holds (cart_id, product_id, size, quantity, status, created_at, \
+             expires_at) VALUES (?1, ?2, ?3, ?4, 'active', ?5, ?6)",
+            params![
+                hold.cart_id,
+                hold.product_id.0,
+                size_db(hold.size.as_deref()),
+                to_db(hold.quantity)?,
+                time_db(hold.created_at),
+                time_db(hold.expires_at)
+            ],
+        )?;
+        Ok(HoldId(self.conn.last_insert_rowid()))
+    }
+
+    fn update_hold(&mut self, hold: &Hold) -> Result<()> {
+        let n = self.run(
+            "UPDATE cart_holds SET quantity = ?2, status = ?3, expires_at = ?4 WHERE id = ?1",
+            params![
+                hold.id.0,
+                to_db(hold.quantity)?,
+                hold.status.as_str(),
+                time_db(hold.expires_at)
+            ],
+        )?;
+        expect_one(n, "hold")
+    }
+}
+
+/// A `LIMIT` parameter.
+fn db_limit(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 fn expect_one(changed: usize, what: &str) -> Result<()> {
