@@ -118,6 +118,8 @@ fn assert_services_send_sync() {
     check::<OrderService>();
 }
 
-#[cfg(doctest)]
+/// The README's examples use both backends, so they are tested with both features on
+/// (as `cargo test --all-features` and CI do).
+#[cfg(all(doctest, feature = "sqlite", feature = "postgres"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use stockroom::{MemoryStore, PostgresConfig, PostgresStore, SqliteStore, StockStore};
+#[cfg(feature = "postgres")]
+use stockroom::{PostgresConfig, PostgresStore};
+use stockroom::{MemoryStore, SqliteStore, StockStore};
 
 /// A folder for one test's database files, removed when the test ends.
 struct Scratch {
@@ -29,6 +31,7 @@ impl Scratch {
 }
 
 /// The PostgreSQL server the tests use: `.ci/run` always provides one.
+#[cfg(feature = "postgres")]
 fn pg_url() -> Option<String> {
     let url = std::env::var("STOCKROOM_PG_URL")
         .ok()
@@ -40,6 +43,7 @@ fn pg_url() -> Option<String> {
 }
 
 /// A store in a schema of its own, so every case starts empty.
+#[cfg(feature = "postgres")]
 fn pg_store() -> PostgresStore {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let url = pg_url().expect("STOCKROOM_PG_URL");
@@ -155,4 +159,5 @@ macro_rules! backend {
 backend!(memory, scratch => MemoryStore::new());
 backend!(sqlite_memory, scratch => SqliteStore::open_in_memory().expect("open sqlite in memory"));
 backend!(sqlite_file, scratch => SqliteStore::open(scratch.file()).expect("open sqlite file"));
+#[cfg(feature = "postgres")]
 backend!(postgres, scratch => pg_store(), run_if = pg_url().is_some());

@@ -10,8 +10,8 @@ use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 use stockroom::conformance::FailingStore;
 use stockroom::{
     CheckoutRequest, Error, Hold, MemoryStore, MovementQuery, NewProduct, Order, OrderConfig,
-    OrderId, OrderLine, OrderService, PostgresConfig, PostgresStore, ProductId, SqliteStore,
-    StockLevels, StockLine, StockService, StockStore,
+    OrderId, OrderLine, OrderService, ProductId, SqliteStore, StockLevels, StockLine, StockService,
+    StockStore,
 };
 
 const MUG: ProductId = ProductId(1);
@@ -228,8 +228,11 @@ fn faults_on_sqlite_leave_nothing_partial() {
     assert!(tally.faults >= 2 * 19, "{tally:?}");
 }
 
+#[cfg(feature = "postgres")]
 #[test]
 fn faults_on_postgres_leave_nothing_partial() {
+    use stockroom::{PostgresConfig, PostgresStore};
+
     let Ok(url) = std::env::var("STOCKROOM_PG_URL") else {
         eprintln!("STOCKROOM_PG_URL is unset: skipping this PostgreSQL test");
         return;
