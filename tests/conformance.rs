@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use stockroom::{MemoryStore, SqliteStore, StockStore};
 #[cfg(feature = "postgres")]
 use stockroom::{PostgresConfig, PostgresStore};
-use stockroom::{MemoryStore, SqliteStore, StockStore};
 
 /// A folder for one test's database files, removed when the test ends.
 struct Scratch {

@@ -480,7 +480,7 @@ impl OrderService {
                 _ => return Err(Error::PaymentNotFound),
             };
             match payment.status {
-                PaymentStatus::Completed => return Ok((orders, false)),
+                PaymentStatus::Completed => return Ok((orders, Vec::new())),
                 PaymentStatus::Cancelled => {
                     return Err(Error::PaymentCancelled {
                         payment_hash: hash.clone(),
@@ -499,6 +499,7 @@ impl OrderService {
             let keys = orders.iter().map(|o| (o.product_id, o.size.as_deref()));
             let mut rows = LockedRows::load(tx, keys, at)?;
             let mut short = Vec::new();
+            let mut paid_now = Vec::new();
             for order in &mut orders {
                 let (movement, kind, note) = match (order.status, order.payment_status) {
                     (OrderStatus::UnderPaying, _) => {
@@ -543,6 +544,7 @@ impl OrderService {
                 if let Some(note) = note {
                     append_note(order, note);
                 }
+                paid_now.push((order.id, movement));
             }
             if !short.is_empty() {
                 return Err(Error::PaymentExpired {
@@ -552,24 +554,25 @@ impl OrderService {
                 });
             }
             rows.store(tx)?;
-            for order in orders.iter().filter(|o| o.paid_at == Some(now)) {
-                tx.update_order(order)?;
+            for order in &orders {
+                if paid_now.iter().any(|(id, _)| *id == order.id) {
+                    tx.update_order(order)?;
+                }
             }
             payment.status = PaymentStatus::Completed;
             payment.paid_at = Some(now);
             tx.update_payment(&payment)?;
-            Ok((orders, true))
+            Ok((orders, paid_now))
         });
         match outcome {
-            Ok((orders, changed)) => {
-                if changed {
-                    for o in orders.iter().filter(|o| o.paid_at == Some(now)) {
+            Ok((orders, paid_now)) => {
+                if !paid_now.is_empty() {
+                    for (id, movement) in &paid_now {
+                        let Some(o) = orders.iter().find(|o| o.id == *id) else {
+                            continue;
+                        };
                         let row = RowName(o.product_id, o.size.as_deref());
-                        log::info!(
-                            "Order {}: {}",
-                            o.id,
-                            Movement::SellReserved.describe(o.quantity, &row)
-                        );
+                        log::info!("Order {id}: {}", movement.describe(o.quantity, &row));
                     }
                     log::info!("Payment {payment_hash} confirmed");
                 } else {
