@@ -26,6 +26,35 @@ pub const MAX_LABEL_LEN: usize = 64;
 /// The longest product name, in bytes.
 pub const MAX_NAME_LEN: usize = 200;
 
+/// `as_str` (the name stored in databases and shown in JSON), `parse` and `Display` for a
+/// status enum.
+macro_rules! stored_names {
+    ($ty:ident { $($variant:ident => $name:literal),* $(,)? }) => {
+        impl $ty {
+            /// The name it is stored under.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $name),*
+                }
+            }
+
+            /// Parses a stored name.
+            pub fn parse(s: &str) -> Option<Self> {
+                match s {
+                    $($name => Some($ty::$variant),)*
+                    _ => None,
+                }
+            }
+        }
+
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
 /// A product's id, chosen by the shop (usually its catalogue's primary key).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -258,32 +287,11 @@ pub enum OrderStatus {
     Cancelled,
 }
 
-impl OrderStatus {
-    /// The stored name: `under_paying`, `pending` or `cancelled`.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            OrderStatus::UnderPaying => "under_paying",
-            OrderStatus::Pending => "pending",
-            OrderStatus::Cancelled => "cancelled",
-        }
-    }
-
-    /// Parses a stored name.
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "under_paying" => OrderStatus::UnderPaying,
-            "pending" => OrderStatus::Pending,
-            "cancelled" => OrderStatus::Cancelled,
-            _ => return None,
-        })
-    }
-}
-
-impl fmt::Display for OrderStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+stored_names!(OrderStatus {
+    UnderPaying => "under_paying",
+    Pending => "pending",
+    Cancelled => "cancelled",
+});
 
 /// Where a payment (and each of its orders' payment) stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -299,34 +307,12 @@ pub enum PaymentStatus {
     Cancelled,
 }
 
-impl PaymentStatus {
-    /// The stored name: `pending`, `completed`, `expired` or `cancelled`.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            PaymentStatus::Pending => "pending",
-            PaymentStatus::Completed => "completed",
-            PaymentStatus::Expired => "expired",
-            PaymentStatus::Cancelled => "cancelled",
-        }
-    }
-
-    /// Parses a stored name.
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "pending" => PaymentStatus::Pending,
-            "completed" => PaymentStatus::Completed,
-            "expired" => PaymentStatus::Expired,
-            "cancelled" => PaymentStatus::Cancelled,
-            _ => return None,
-        })
-    }
-}
-
-impl fmt::Display for PaymentStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+stored_names!(PaymentStatus {
+    Pending => "pending",
+    Completed => "completed",
+    Expired => "expired",
+    Cancelled => "cancelled",
+});
 
 /// One order: one line of a checkout.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -483,36 +469,22 @@ impl MovementKind {
         MovementKind::HoldExpire,
         MovementKind::HoldConvert,
     ];
-
-    /// The stored name, such as `count_correction`.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            MovementKind::Reserve => "reserve",
-            MovementKind::Release => "release",
-            MovementKind::Sale => "sale",
-            MovementKind::Expire => "expire",
-            MovementKind::Cancel => "cancel",
-            MovementKind::Restock => "restock",
-            MovementKind::CountCorrection => "count_correction",
-            MovementKind::LatePaymentRevival => "late_payment_revival",
-            MovementKind::Hold => "hold",
-            MovementKind::HoldRelease => "hold_release",
-            MovementKind::HoldExpire => "hold_expire",
-            MovementKind::HoldConvert => "hold_convert",
-        }
-    }
-
-    /// Parses a stored name.
-    pub fn parse(s: &str) -> Option<Self> {
-        MovementKind::ALL.into_iter().find(|k| k.as_str() == s)
-    }
 }
 
-impl fmt::Display for MovementKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+stored_names!(MovementKind {
+    Reserve => "reserve",
+    Release => "release",
+    Sale => "sale",
+    Expire => "expire",
+    Cancel => "cancel",
+    Restock => "restock",
+    CountCorrection => "count_correction",
+    LatePaymentRevival => "late_payment_revival",
+    Hold => "hold",
+    HoldRelease => "hold_release",
+    HoldExpire => "hold_expire",
+    HoldConvert => "hold_convert",
+});
 
 /// A signed change to each counter of a stock row.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -751,34 +723,12 @@ pub enum HoldStatus {
     Converted,
 }
 
-impl HoldStatus {
-    /// The stored name: `active`, `released`, `expired` or `converted`.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            HoldStatus::Active => "active",
-            HoldStatus::Released => "released",
-            HoldStatus::Expired => "expired",
-            HoldStatus::Converted => "converted",
-        }
-    }
-
-    /// Parses a stored name.
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "active" => HoldStatus::Active,
-            "released" => HoldStatus::Released,
-            "expired" => HoldStatus::Expired,
-            "converted" => HoldStatus::Converted,
-            _ => return None,
-        })
-    }
-}
-
-impl fmt::Display for HoldStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+stored_names!(HoldStatus {
+    Active => "active",
+    Released => "released",
+    Expired => "expired",
+    Converted => "converted",
+});
 
 /// Units of one stock row held for a cart until an expiry: see
 /// [`StockService::hold_cart`](crate::StockService::hold_cart).
@@ -848,4 +798,51 @@ pub struct ReservationBreakdown {
     /// The rest of `reserved`: units reserved with `reserve_stock` by a shop that tracks
     /// carts itself.
     pub reserved_otherwise: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every stored name parses back, and is the name serde uses in JSON.
+    #[test]
+    fn stored_names_round_trip_and_match_serde() {
+        fn check<T>(all: &[T], name: fn(T) -> &'static str, parse: fn(&str) -> Option<T>)
+        where
+            T: Copy + PartialEq + std::fmt::Debug + Serialize + fmt::Display,
+        {
+            for &v in all {
+                assert_eq!(parse(name(v)), Some(v));
+                assert_eq!(v.to_string(), name(v));
+                assert_eq!(
+                    serde_json::to_string(&v).unwrap(),
+                    format!("\"{}\"", name(v))
+                );
+            }
+            assert_eq!(parse("no such name"), None);
+        }
+        use OrderStatus as O;
+        use PaymentStatus as P;
+        check(
+            &[O::UnderPaying, O::Pending, O::Cancelled],
+            O::as_str,
+            O::parse,
+        );
+        check(
+            &[P::Pending, P::Completed, P::Expired, P::Cancelled],
+            P::as_str,
+            P::parse,
+        );
+        use HoldStatus as H;
+        check(
+            &[H::Active, H::Released, H::Expired, H::Converted],
+            H::as_str,
+            H::parse,
+        );
+        check(
+            &MovementKind::ALL,
+            MovementKind::as_str,
+            MovementKind::parse,
+        );
+    }
 }
