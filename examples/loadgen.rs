@@ -381,9 +381,11 @@ fn library(args: &Args, dir: &Path) -> Result<Run, Box<dyn Error>> {
             after.transactions - before.transactions,
         );
         println!(
-            "group commit: {units} units in {txs} transactions ({:.1} per commit, largest {})",
+            "group commit: {units} units in {txs} transactions ({:.1} per commit, largest {}), \
+             {} WAL syncs",
             units as f64 / txs.max(1) as f64,
-            after.largest_group
+            after.largest_group,
+            after.syncs - before.syncs
         );
     }
     Ok(run)

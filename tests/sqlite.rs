@@ -531,3 +531,70 @@ fn under_a_stream_of_writes_the_wal_stays_bounded() {
     assert!(wal < 24 * 1024 * 1024, "the WAL grew to {wal} bytes");
     assert_eq!(levels(&stock), (976_000, 24_000, 0));
 }
+
+/// Units that fail after they have written, in groups with units that succeed: each
+/// failure is undone alone (the group is rolled back and its other units run again),
+/// every success is kept exactly once, and a unit that fails before writing costs its
+/// neighbours nothing.
+#[test]
+fn units_failing_after_a_write_are_undone_alone_in_shared_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path().join("undo.db")).unwrap());
+    let stock = StockService::new(store.clone());
+    stock
+        .create_product(NewProduct::plain(MUG, "Mug", 0))
+        .unwrap();
+    let before = store.writer_stats();
+    let barrier = Arc::new(Barrier::new(8));
+    let handles: Vec<_> = (0..8u64)
+        .map(|t| {
+            let (store, barrier) = (store.clone(), Arc::clone(&barrier));
+            thread::spawn(move || {
+                barrier.wait();
+                let mut kept = 0u64;
+                for i in 0..150u64 {
+                    // Every third unit of the odd threads adds 1000 and then fails; every
+                    // fifth of the even threads fails before writing; the rest add 1.
+                    let fail_after = t % 2 == 1 && i % 3 == 0;
+                    let fail_before = t % 2 == 0 && i % 5 == 0;
+                    let result = store.write(Box::new(move |tx| {
+                        if fail_before {
+                            return Err(Error::InvalidInput {
+                                reason: "before".into(),
+                            });
+                        }
+                        let mut row = tx.stock(MUG, None)?.expect("the mug's row");
+                        row.available += if fail_after { 1_000 } else { 1 };
+                        tx.update_stock(MUG, None, row)?;
+                        if fail_after {
+                            return Err(Error::InvalidInput {
+                                reason: "after".into(),
+                            });
+                        }
+                        Ok(())
+                    }));
+                    match (result, fail_after || fail_before) {
+                        (Ok(()), false) => kept += 1,
+                        (Err(Error::InvalidInput { reason }), true) => {
+                            assert_eq!(reason, if fail_after { "after" } else { "before" })
+                        }
+                        (other, expected_failure) => {
+                            panic!("unit {i} of thread {t}: {other:?} (failure expected: {expected_failure})")
+                        }
+                    }
+                }
+                kept
+            })
+        })
+        .collect();
+    let kept: u64 = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    // Odd threads: 150 - 50 failing after writing; even threads: 150 - 30 before.
+    assert_eq!(kept, 4 * 100 + 4 * 120);
+    assert_eq!(levels(&stock), (880, 0, 0));
+    let stats = store.writer_stats();
+    assert_eq!(stats.units - before.units, 1_200);
+    assert!(
+        stats.transactions - before.transactions < 1_200,
+        "no commit was shared: {stats:?}"
+    );
+}

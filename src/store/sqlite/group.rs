@@ -1,17 +1,29 @@
 //! Group commit: the write units of concurrent callers share one transaction and one
-//! commit (one fsync under `synchronous = FULL`).
+//! commit (one fsync under [`Durability::Full`](super::Durability::Full)).
 //!
 //! Callers queue their units in arrival order. The caller at the front of the queue is
-//! the leader: it takes every unit queued behind it (up to a bound), runs each in its own
-//! savepoint on the one writer connection (so a refused unit is rolled back alone and
-//! never fails its neighbours), commits once, and hands each caller its own outcome. The
-//! next caller in line then leads the next group. A caller alone runs its unit on its own
-//! thread, in a plain transaction: no thread hand-off, no savepoint.
+//! the leader: it takes every unit queued behind it (up to a bound), runs them one after
+//! the other on the one writer connection, commits once, and hands each caller its own
+//! outcome. The next caller in line then leads the next group. A caller alone runs its
+//! unit on its own thread: no thread hand-off.
+//!
+//! A refused unit never fails its neighbours. Most refusals come before the unit writes
+//! anything (the services check every rule first), and then there is nothing to undo.
+//! A unit that fails after it has written is undone by rolling the transaction back and
+//! running the units before it again (units may be run again: see
+//! [`WriteUnit`](crate::store::WriteUnit)), each in a savepoint from then on, so one
+//! group runs at most twice.
+//!
+//! Under [`Durability::Full`](super::Durability::Full) the leader syncs the WAL after it
+//! has handed the writer to the next leader (see [`WalSync`]): the next group's
+//! transaction runs during the sync.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
+use std::ffi::c_int;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, Thread};
 
 use rusqlite::Connection;
@@ -20,12 +32,14 @@ use crate::error::{Error, Result};
 use crate::store::WriteUnit;
 
 use super::checkpoint::Checkpointer;
-use super::{BACKEND, SqliteTx, exec};
+use super::sync::WalSync;
+use super::{BACKEND, SqliteTx, exec, lock};
 
 /// The most units one transaction runs.
 const MAX_GROUP: usize = 512;
 
-/// The most groups one caller leads in a row before it hands over.
+/// The most groups one caller leads in a row before it hands over (when commits need no
+/// sync of their own).
 const LEAD_ROUNDS: usize = 4;
 
 /// With the background checkpointer, every this many transactions the leader checkpoints
@@ -34,6 +48,34 @@ const LEAD_ROUNDS: usize = 4;
 /// A checkpoint that runs beside a stream of writes never catches up by itself, and the
 /// WAL would grow without bound.
 const RESTART_EVERY: u64 = 2_000;
+
+/// Under [`Durability::Full`](super::Durability::Full) the leader checkpoints once the
+/// WAL holds this many pages, as SQLite's automatic checkpoint would, but never while a
+/// sync runs (see [`WalSync::checkpoint`]).
+const CHECKPOINT_PAGES: i32 = 1_000;
+
+thread_local! {
+    /// The pages in the WAL after the last commit on this thread (see [`note_wal_pages`]).
+    static WAL_PAGES: Cell<i32> = const { Cell::new(0) };
+}
+
+/// SQLite's WAL hook: called by `COMMIT` on the committing thread with the pages now in
+/// the WAL. Installing it turns SQLite's automatic checkpoint off.
+pub(crate) fn note_wal_pages(_: &rusqlite::hooks::Wal, pages: c_int) -> rusqlite::Result<()> {
+    WAL_PAGES.set(pages);
+    Ok(())
+}
+
+/// A `PASSIVE` checkpoint on the writer, between two transactions.
+fn checkpoint(conn: &Connection) {
+    let result = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+        Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+    });
+    match result {
+        Ok((log, done)) => log::trace!("sqlite: writer checkpoint copied {done} of {log} frames"),
+        Err(e) => log::debug!("sqlite: writer checkpoint skipped: {e}"),
+    }
+}
 
 /// What a unit's caller gets back: its result, or the panic it raised.
 type Outcome = std::thread::Result<Result<()>>;
@@ -49,6 +91,9 @@ struct Job {
 pub(crate) struct GroupWriter {
     queue: Mutex<VecDeque<Arc<Mutex<Job>>>>,
     conn: Mutex<Connection>,
+    /// Syncs the WAL after commits ([`Durability::Full`](super::Durability::Full) on a
+    /// file); `None` when a commit is as durable as it gets when `COMMIT` returns.
+    sync: Option<WalSync>,
     /// Checkpoints the WAL off the writers' path (file databases only). Declared after
     /// `conn` so the writer closes first and the checkpointer's last round sees every
     /// commit.
@@ -69,19 +114,22 @@ pub struct WriterStats {
     pub transactions: u64,
     /// The most units one transaction ran.
     pub largest_group: u64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Units run outside these locks and panics are caught, so a poisoned lock only means
-    // another caller panicked while holding it briefly; the data is still consistent.
-    m.lock().unwrap_or_else(|e| e.into_inner())
+    /// Syncs of the write-ahead log the store ran itself after commits (under
+    /// [`Durability::Full`](super::Durability::Full) on a file): fewer than
+    /// `transactions` when one sync made several commits durable.
+    pub syncs: u64,
 }
 
 impl GroupWriter {
-    pub(crate) fn new(conn: Connection, checkpointer: Option<Checkpointer>) -> Self {
+    pub(crate) fn new(
+        conn: Connection,
+        sync: Option<WalSync>,
+        checkpointer: Option<Checkpointer>,
+    ) -> Self {
         GroupWriter {
             queue: Mutex::new(VecDeque::new()),
             conn: Mutex::new(conn),
+            sync,
             checkpointer,
             units: AtomicU64::new(0),
             transactions: AtomicU64::new(0),
@@ -94,11 +142,13 @@ impl GroupWriter {
             units: self.units.load(Ordering::Relaxed),
             transactions: self.transactions.load(Ordering::Relaxed),
             largest_group: self.largest.load(Ordering::Relaxed),
+            syncs: self.sync.as_ref().map_or(0, WalSync::syncs),
         }
     }
 
     /// Runs `unit` in a transaction, alone or grouped with the units queued with it, and
-    /// returns its own outcome once its transaction has committed (or failed).
+    /// returns its own outcome once its transaction has committed (and is durable) or
+    /// failed.
     pub(crate) fn write(&self, unit: WriteUnit) -> Result<()> {
         let job = Arc::new(Mutex::new(Job {
             unit: Some(unit),
@@ -119,136 +169,230 @@ impl GroupWriter {
                 if let Some(outcome) = own.outcome.take() {
                     drop(own);
                     drop(queue);
-                    return match outcome {
-                        Ok(result) => result,
-                        Err(payload) => panic::resume_unwind(payload),
-                    };
+                    return unwrap(outcome);
                 }
                 let at_front = queue.front().is_some_and(|front| Arc::ptr_eq(front, &job));
                 if at_front && own.unit.is_some() {
                     drop(own);
-                    break claim(&queue);
+                    break claim(&queue, 0);
                 }
             }
             thread::park();
         };
-        // Lead this group and, while callers keep queueing, a few more: the leader is
-        // already running, where waking the next caller to lead costs a context switch
-        // per group. The bound keeps the leader's own wait short.
+        // Lead this group and, while callers keep queueing and commits need no sync, a
+        // few more: the leader is already running, where waking the next caller to lead
+        // costs a context switch per group. The bound keeps the leader's own wait short.
         for round in 1.. {
-            let jobs: Vec<Arc<Mutex<Job>>> = group.iter().map(|(j, _)| Arc::clone(j)).collect();
-            self.lead(group);
+            let (jobs, outcomes, ticket) = self.run_group(group);
             let mut queue = lock(&self.queue);
-            for j in &jobs {
-                lock(j).caller.unpark();
+            for _ in &jobs {
                 queue.pop_front();
             }
-            if queue.is_empty() {
-                break;
-            }
-            if round == LEAD_ROUNDS {
-                if let Some(next) = queue.front() {
-                    lock(next).caller.unpark();
+            let next = queue.front().map(Arc::clone);
+            if let Some(ticket) = ticket {
+                // The writer is free: the next caller in line leads the next group while
+                // this one waits for its commit to be durable. Refusals need not wait.
+                drop(queue);
+                if let Some(next) = next {
+                    lock(&next).caller.unpark();
+                }
+                let mut waiting = Vec::with_capacity(jobs.len());
+                for (j, outcome) in jobs.into_iter().zip(outcomes) {
+                    if matches!(outcome, Ok(Ok(()))) {
+                        waiting.push(j);
+                    } else {
+                        deliver(&j, &job, outcome);
+                    }
+                }
+                let durable = self.sync.as_ref().map_or(Ok(()), |s| s.wait(ticket));
+                for j in waiting {
+                    let outcome = match &durable {
+                        Ok(()) => Ok(Ok(())),
+                        Err(e) => Ok(Err(copy(e))),
+                    };
+                    deliver(&j, &job, outcome);
                 }
                 break;
             }
-            group = claim(&queue);
+            for (j, outcome) in jobs.into_iter().zip(outcomes) {
+                deliver(&j, &job, outcome);
+            }
+            match next {
+                None => break,
+                Some(next) if round == LEAD_ROUNDS => {
+                    drop(queue);
+                    lock(&next).caller.unpark();
+                    break;
+                }
+                Some(_) => group = claim(&queue, 0),
+            }
         }
         let own = lock(&job).outcome.take().expect("the leader's unit ran");
-        match own {
-            Ok(result) => result,
-            Err(payload) => panic::resume_unwind(payload),
-        }
+        unwrap(own)
     }
 
-    /// Runs a claimed group in one transaction and stores each caller's outcome.
-    fn lead(&self, group: Vec<(Arc<Mutex<Job>>, WriteUnit)>) {
-        let (jobs, units): (Vec<_>, Vec<_>) = group.into_iter().unzip();
-        let n = units.len() as u64;
-        let outcomes = self.run_group(units);
-        self.units.fetch_add(n, Ordering::Relaxed);
-        let done = self.transactions.fetch_add(1, Ordering::Relaxed) + 1;
-        self.largest.fetch_max(n, Ordering::Relaxed);
-        if let Some(c) = &self.checkpointer {
-            c.committed();
-            if done % RESTART_EVERY == 0 {
-                let conn = lock(&self.conn);
-                let result = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                    Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-                });
-                match result {
-                    Ok((log, done)) => {
-                        log::trace!("sqlite: writer checkpoint copied {done} of {log} frames")
-                    }
-                    Err(e) => log::debug!("sqlite: writer checkpoint skipped: {e}"),
-                }
-            }
-        }
-        for (j, outcome) in jobs.iter().zip(outcomes) {
-            lock(j).outcome = Some(outcome);
-        }
-    }
-
-    /// Runs `units` in one transaction and returns each one's outcome.
-    fn run_group(&self, mut units: Vec<WriteUnit>) -> Vec<Outcome> {
+    /// Runs a claimed group in one transaction. Returns its jobs (more than were given
+    /// when callers queued while it waited for a sync), each one's outcome, and the
+    /// ticket to wait on before telling a caller that its unit succeeded (see
+    /// [`WalSync`]).
+    fn run_group(&self, group: Vec<(Arc<Mutex<Job>>, WriteUnit)>) -> GroupOutcome {
         let conn = lock(&self.conn);
-        let n = units.len();
-        if let Err(e) = exec(&conn, "BEGIN IMMEDIATE") {
-            return failed(e, n);
+        let (mut jobs, units): (Vec<_>, Vec<_>) = group.into_iter().unzip();
+        let mut batch = Batch {
+            units,
+            outcomes: Vec::new(),
+            wrote: false,
+            savepoints: false,
+        };
+        if let Some(e) = self.sync.as_ref().and_then(|s| s.check().err()) {
+            let n = jobs.len();
+            return (jobs, failed(e, n), None);
         }
-        if n == 1 {
-            return vec![run_alone(&conn, &mut units[0])];
-        }
-        let mut outcomes = Vec::with_capacity(n);
-        for unit in &mut units {
-            match run_in_savepoint(&conn, unit) {
-                Ok(outcome) => outcomes.push(outcome),
-                Err(e) => {
-                    let _ = exec(&conn, "ROLLBACK");
-                    return failed(e, n);
-                }
+        let mut ran = exec(&conn, "BEGIN IMMEDIATE").and_then(|()| batch.run(&conn));
+        if let Some(sync) = &self.sync
+            && ran.is_ok()
+            && batch.units.len() < MAX_GROUP
+            && sync.wait_idle()
+        {
+            // A sync was running: committing before it ends would only queue another
+            // sync behind it. The callers who queued meanwhile join this transaction,
+            // and the next sync makes them all durable at once.
+            let more = claim(&lock(&self.queue), jobs.len());
+            for (j, unit) in more {
+                jobs.push(j);
+                batch.units.push(unit);
             }
+            ran = batch.run(&conn);
         }
+        let n = jobs.len();
+        if let Err(e) = ran {
+            let _ = exec(&conn, "ROLLBACK");
+            return (jobs, failed(e, n), None);
+        }
+        let Batch {
+            outcomes, wrote, ..
+        } = batch;
         if let Err(e) = exec(&conn, "COMMIT") {
             let _ = exec(&conn, "ROLLBACK");
             // Nothing of the group is kept: the units that had succeeded fail with the
             // commit's error; refusals keep their own error, which is still true.
-            return outcomes
+            let outcomes = outcomes
                 .into_iter()
                 .map(|o| match o {
                     Ok(Ok(())) => Ok(Err(copy(&e))),
                     other => other,
                 })
                 .collect();
+            return (jobs, outcomes, None);
         }
-        outcomes
+        let done = self.transactions.fetch_add(1, Ordering::Relaxed) + 1;
+        self.units.fetch_add(n as u64, Ordering::Relaxed);
+        self.largest.fetch_max(n as u64, Ordering::Relaxed);
+        // A unit that succeeded without writing may have read a commit that is not yet
+        // durable: it waits for the latest commit too.
+        let ticket = self.sync.as_ref().and_then(|s| {
+            let succeeded = outcomes.iter().any(|o| matches!(o, Ok(Ok(()))));
+            succeeded.then(|| if wrote { s.committed() } else { s.latest() })
+        });
+        if let Some(c) = &self.checkpointer {
+            c.committed();
+            if done % RESTART_EVERY == 0 {
+                checkpoint(&conn);
+            }
+        }
+        if let Some(s) = &self.sync
+            && WAL_PAGES.get() >= CHECKPOINT_PAGES
+        {
+            s.checkpoint(|| checkpoint(&conn));
+        }
+        (jobs, outcomes, ticket)
     }
 }
 
-/// A unit alone in its transaction: the transaction is its savepoint.
-fn run_alone(conn: &Connection, unit: &mut WriteUnit) -> Outcome {
-    let outcome = run_unit(conn, unit);
-    if matches!(outcome, Ok(Ok(()))) {
-        if let Err(e) = exec(conn, "COMMIT") {
-            let _ = exec(conn, "ROLLBACK");
-            return Ok(Err(e));
-        }
-    } else if let Err(e) = exec(conn, "ROLLBACK") {
-        log::error!("sqlite: rollback after a failed unit failed: {e}");
-    }
-    outcome
+/// What [`GroupWriter::run_group`] hands back.
+type GroupOutcome = (Vec<Arc<Mutex<Job>>>, Vec<Outcome>, Option<u64>);
+
+/// The units of one open transaction and what they did.
+struct Batch {
+    units: Vec<WriteUnit>,
+    /// The outcomes of the units run so far, in order.
+    outcomes: Vec<Outcome>,
+    /// Whether a unit kept a write.
+    wrote: bool,
+    /// Set once a unit failed after writing: from then on each unit runs in a savepoint.
+    savepoints: bool,
 }
 
-/// A unit in a savepoint of a group's transaction, rolled back alone if it fails. An
-/// error here is the savepoint's own, and ends the whole group.
-fn run_in_savepoint(conn: &Connection, unit: &mut WriteUnit) -> Result<Outcome> {
+impl Batch {
+    /// Runs the units not run yet, in the open transaction. An error here is the
+    /// transaction's own, and ends the whole group.
+    fn run(&mut self, conn: &Connection) -> Result<()> {
+        while self.outcomes.len() < self.units.len() {
+            let i = self.outcomes.len();
+            if self.savepoints {
+                let (outcome, changed) = run_in_savepoint(conn, &mut self.units[i])?;
+                self.wrote |= changed;
+                self.outcomes.push(outcome);
+                continue;
+            }
+            let (outcome, changed) = run_unit(conn, &mut self.units[i]);
+            if changed && !matches!(outcome, Ok(Ok(()))) {
+                // Failed after writing: only rolling back undoes it, and the units before
+                // it with it. They run again, each in a savepoint from now on.
+                exec(conn, "ROLLBACK")?;
+                exec(conn, "BEGIN IMMEDIATE")?;
+                self.savepoints = true;
+                self.outcomes.clear();
+                self.wrote = false;
+                for unit in &mut self.units[..i] {
+                    let (outcome, changed) = run_in_savepoint(conn, unit)?;
+                    self.wrote |= changed;
+                    self.outcomes.push(outcome);
+                }
+                self.outcomes.push(outcome);
+                continue;
+            }
+            self.wrote |= changed;
+            self.outcomes.push(outcome);
+        }
+        Ok(())
+    }
+}
+
+/// A unit in a savepoint, rolled back alone if it fails; whether it kept a write. An
+/// error here is the savepoint's own.
+fn run_in_savepoint(conn: &Connection, unit: &mut WriteUnit) -> Result<(Outcome, bool)> {
     exec(conn, "SAVEPOINT unit")?;
-    let outcome = run_unit(conn, unit);
+    let (outcome, mut changed) = run_unit(conn, unit);
     if !matches!(outcome, Ok(Ok(()))) {
         exec(conn, "ROLLBACK TO unit")?;
+        changed = false;
     }
     exec(conn, "RELEASE unit")?;
-    Ok(outcome)
+    Ok((outcome, changed))
+}
+
+/// Runs a unit, catching its panic; whether it changed any row.
+fn run_unit(conn: &Connection, unit: &mut WriteUnit) -> (Outcome, bool) {
+    let mut tx = SqliteTx::new(conn);
+    let outcome = panic::catch_unwind(AssertUnwindSafe(|| unit(&mut tx)));
+    (outcome, tx.wrote())
+}
+
+/// Hands `job` its outcome and wakes its caller (unless that is the leader, `own`).
+fn deliver(job: &Arc<Mutex<Job>>, own: &Arc<Mutex<Job>>, outcome: Outcome) {
+    let mut j = lock(job);
+    j.outcome = Some(outcome);
+    if !Arc::ptr_eq(job, own) {
+        j.caller.unpark();
+    }
+}
+
+fn unwrap(outcome: Outcome) -> Result<()> {
+    match outcome {
+        Ok(result) => result,
+        Err(payload) => panic::resume_unwind(payload),
+    }
 }
 
 /// The same storage failure for each of `n` callers: the first gets the original (with
@@ -259,12 +403,14 @@ fn failed(e: Error, n: usize) -> Vec<Outcome> {
     out
 }
 
-/// Takes the units of the jobs at the front of the queue (at most [`MAX_GROUP`]), under
-/// the queue lock the caller holds: from here on they belong to this leader.
-fn claim(queue: &VecDeque<Arc<Mutex<Job>>>) -> Vec<(Arc<Mutex<Job>>, WriteUnit)> {
+/// Takes the units of the jobs at the front of the queue after the first `skip` (which
+/// the leader has taken already), up to [`MAX_GROUP`] in all, under the queue lock the
+/// caller holds: from here on they belong to this leader.
+fn claim(queue: &VecDeque<Arc<Mutex<Job>>>, skip: usize) -> Vec<(Arc<Mutex<Job>>, WriteUnit)> {
     queue
         .iter()
-        .take(MAX_GROUP)
+        .skip(skip)
+        .take(MAX_GROUP.saturating_sub(skip))
         .map_while(|j| {
             let unit = lock(j).unit.take()?;
             Some((Arc::clone(j), unit))
@@ -275,8 +421,4 @@ fn claim(queue: &VecDeque<Arc<Mutex<Job>>>) -> Vec<(Arc<Mutex<Job>>, WriteUnit)>
 /// A storage error again, for every caller of a failed group.
 fn copy(e: &Error) -> Error {
     Error::storage(BACKEND, e.to_string())
-}
-
-fn run_unit(conn: &Connection, unit: &mut WriteUnit) -> Outcome {
-    panic::catch_unwind(AssertUnwindSafe(|| unit(&mut SqliteTx { conn })))
 }

@@ -1,0 +1,177 @@
+//! Durable commits without holding the writer: the WAL is synced after the commit, by
+//! whichever caller needs it first, while the next transaction already runs.
+//!
+//! Under [`Durability::Full`](super::Durability::Full) SQLite's own `synchronous = FULL`
+//! syncs the WAL inside `COMMIT`, while the transaction still holds the write lock: one
+//! fsync at a time, and nobody writes during it. The store instead commits with
+//! `synchronous = NORMAL` (the WAL written but not synced, which SQLite keeps consistent
+//! across a power cut) and then syncs the WAL file itself before it answers any caller
+//! of that commit. The next group runs its transaction during the sync, and one sync
+//! covers every commit made before it started: the WAL is appended in commit order, so a
+//! synced commit has every earlier commit synced with it.
+//!
+//! Readers can see a commit during the fraction of a millisecond before it is synced; no
+//! caller is ever told that a write succeeded before it is durable.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+
+use crate::error::{Error, Result};
+
+use super::{BACKEND, lock};
+
+/// Syncs the WAL file of one database for the commits that need it.
+pub(crate) struct WalSync {
+    wal: PathBuf,
+    state: Mutex<State>,
+    synced: Condvar,
+}
+
+#[derive(Default)]
+struct State {
+    /// Commits made so far; a commit's ticket is its number.
+    committed: u64,
+    /// Every commit up to this one is durable.
+    synced: u64,
+    /// The highest commit a sync in progress will make durable.
+    in_flight: u64,
+    /// Syncs run so far.
+    syncs: u64,
+    /// A checkpoint is running: no sync starts meanwhile.
+    checkpointing: bool,
+    /// The WAL, opened by the first sync.
+    file: Option<Arc<File>>,
+    /// A sync failed: what it said. Nothing is trusted to be durable any more.
+    failed: Option<String>,
+}
+
+impl WalSync {
+    /// Syncs the WAL of the database file `db`.
+    pub(crate) fn new(db: &std::path::Path) -> Self {
+        let mut wal = db.as_os_str().to_owned();
+        wal.push("-wal");
+        WalSync {
+            wal: wal.into(),
+            state: Mutex::new(State::default()),
+            synced: Condvar::new(),
+        }
+    }
+
+    /// Refuses new writes once a sync has failed: the kernel may have dropped pages it
+    /// could not write, and a later sync that succeeds would not bring them back.
+    pub(crate) fn check(&self) -> Result<()> {
+        match &lock(&self.state).failed {
+            Some(why) => Err(sync_failed(why)),
+            None => Ok(()),
+        }
+    }
+
+    /// Notes a commit; called right after `COMMIT`, before the writer is released, so
+    /// tickets follow the WAL's order. Returns the commit's ticket.
+    pub(crate) fn committed(&self) -> u64 {
+        let mut state = lock(&self.state);
+        state.committed += 1;
+        state.committed
+    }
+
+    /// The ticket of the latest commit: a unit that wrote nothing but may have read it
+    /// waits for it.
+    pub(crate) fn latest(&self) -> u64 {
+        lock(&self.state).committed
+    }
+
+    /// Returns once the commit with `ticket` is durable: at once if a sync that started
+    /// after it has finished, after a sync in progress that covers it, or after a sync
+    /// this caller starts itself. Syncs may overlap: one that starts while another runs
+    /// does not wait for it, and whichever finishes makes durable every commit made
+    /// before it started.
+    pub(crate) fn wait(&self, ticket: u64) -> Result<()> {
+        let mut state = lock(&self.state);
+        loop {
+            if let Some(why) = &state.failed {
+                return Err(sync_failed(why));
+            }
+            if state.synced >= ticket {
+                return Ok(());
+            }
+            if state.in_flight > state.synced || state.checkpointing {
+                state = self.synced.wait(state).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            let upto = state.committed;
+            state.in_flight = upto;
+            state.syncs += 1;
+            let file = match &state.file {
+                Some(f) => Ok(Arc::clone(f)),
+                None => File::options()
+                    .read(true)
+                    .write(true)
+                    .open(&self.wal)
+                    .map(Arc::new),
+            };
+            drop(state);
+            let outcome = file.and_then(|f| f.sync_data().map(|()| f));
+            state = lock(&self.state);
+            match outcome {
+                Ok(f) => {
+                    state.file.get_or_insert(f);
+                    state.synced = state.synced.max(upto);
+                }
+                Err(e) => {
+                    log::error!(
+                        "sqlite: syncing {} failed, refusing further writes: {e}",
+                        self.wal.display()
+                    );
+                    state.failed = Some(e.to_string());
+                }
+            }
+            self.synced.notify_all();
+        }
+    }
+
+    /// Waits until no sync is running; whether one was.
+    ///
+    /// (It sleeps on a condition variable. Yielding the processor in a loop instead, to
+    /// notice the end of the sync sooner, made one sync in 400 take 4-14 ms instead of
+    /// 0.2 ms on the 2-core benchmark machine: the spinning threads delayed the
+    /// completion of the disk's own work.)
+    pub(crate) fn wait_idle(&self) -> bool {
+        let mut state = lock(&self.state);
+        let mut waited = false;
+        while state.in_flight > state.synced && state.failed.is_none() {
+            waited = true;
+            state = self.synced.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        waited
+    }
+
+    /// Runs `checkpoint` with no sync running beside it. A checkpoint copies the WAL into
+    /// the database file and syncs both; a WAL sync that overlapped it waited for all of
+    /// that on the disk, and its callers with it (loadgen measured syncs of 8-9 ms, ten
+    /// times the usual, and a p99.9 latency of 12 ms instead of 2 ms).
+    pub(crate) fn checkpoint<T>(&self, checkpoint: impl FnOnce() -> T) -> T {
+        let mut state = lock(&self.state);
+        while state.in_flight > state.synced && state.failed.is_none() {
+            state = self.synced.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        state.checkpointing = true;
+        drop(state);
+        let out = checkpoint();
+        lock(&self.state).checkpointing = false;
+        self.synced.notify_all();
+        out
+    }
+
+    /// Syncs run so far.
+    pub(crate) fn syncs(&self) -> u64 {
+        lock(&self.state).syncs
+    }
+}
+
+fn sync_failed(why: &str) -> Error {
+    Error::storage(
+        BACKEND,
+        format!("the write-ahead log could not be synced ({why}); reopen the store"),
+    )
+}
