@@ -85,6 +85,8 @@ struct Job {
     outcome: Option<Outcome>,
     /// The caller, parked until its outcome is in or it is its turn to lead.
     caller: Thread,
+    /// The caller to wake once this one has its outcome (see [`deliver`]).
+    wake_next: Option<Thread>,
 }
 
 /// The queue of write units and the writer connection they run on.
@@ -154,6 +156,7 @@ impl GroupWriter {
             unit: Some(unit),
             outcome: None,
             caller: thread::current(),
+            wake_next: None,
         }));
         lock(&self.queue).push_back(Arc::clone(&job));
         // Each waiting caller is woken alone (by the leader that ran its unit, or when it
@@ -167,8 +170,12 @@ impl GroupWriter {
                 let queue = lock(&self.queue);
                 let mut own = lock(&job);
                 if let Some(outcome) = own.outcome.take() {
+                    let next = own.wake_next.take();
                     drop(own);
                     drop(queue);
+                    if let Some(next) = next {
+                        next.unpark();
+                    }
                     return unwrap(outcome);
                 }
                 let at_front = queue.front().is_some_and(|front| Arc::ptr_eq(front, &job));
@@ -196,27 +203,20 @@ impl GroupWriter {
                 if let Some(next) = next {
                     lock(&next).caller.unpark();
                 }
-                let mut waiting = Vec::with_capacity(jobs.len());
-                for (j, outcome) in jobs.into_iter().zip(outcomes) {
-                    if matches!(outcome, Ok(Ok(()))) {
-                        waiting.push(j);
-                    } else {
-                        deliver(&j, &job, outcome);
-                    }
-                }
+                let (waiting, refused): (Vec<_>, Vec<_>) = jobs
+                    .into_iter()
+                    .zip(outcomes)
+                    .partition(|(_, outcome)| matches!(outcome, Ok(Ok(()))));
+                deliver(refused, &job);
                 let durable = self.sync.as_ref().map_or(Ok(()), |s| s.wait(ticket));
-                for j in waiting {
-                    let outcome = match &durable {
-                        Ok(()) => Ok(Ok(())),
-                        Err(e) => Ok(Err(copy(e))),
-                    };
-                    deliver(&j, &job, outcome);
-                }
+                let outcomes = waiting.into_iter().map(|(j, _)| match &durable {
+                    Ok(()) => (j, Ok(Ok(()))),
+                    Err(e) => (j, Ok(Err(copy(e)))),
+                });
+                deliver(outcomes.collect(), &job);
                 break;
             }
-            for (j, outcome) in jobs.into_iter().zip(outcomes) {
-                deliver(&j, &job, outcome);
-            }
+            deliver(jobs.into_iter().zip(outcomes).collect(), &job);
             match next {
                 None => break,
                 Some(next) if round == LEAD_ROUNDS => {
@@ -379,12 +379,22 @@ fn run_unit(conn: &Connection, unit: &mut WriteUnit) -> (Outcome, bool) {
     (outcome, tx.wrote())
 }
 
-/// Hands `job` its outcome and wakes its caller (unless that is the leader, `own`).
-fn deliver(job: &Arc<Mutex<Job>>, own: &Arc<Mutex<Job>>, outcome: Outcome) {
-    let mut j = lock(job);
-    j.outcome = Some(outcome);
-    if !Arc::ptr_eq(job, own) {
-        j.caller.unpark();
+/// Hands each job its outcome and wakes their callers (but the leader's own, `own`) in
+/// a chain: the leader wakes the first, and each woken caller wakes the next. The leader
+/// makes one wake-up call instead of one per caller, and is preempted less by the
+/// callers it wakes, which run on the other cores meanwhile.
+fn deliver(jobs: Vec<(Arc<Mutex<Job>>, Outcome)>, own: &Arc<Mutex<Job>>) {
+    let mut next: Option<Thread> = None;
+    for (j, outcome) in jobs.into_iter().rev() {
+        let mut job = lock(&j);
+        job.outcome = Some(outcome);
+        if !Arc::ptr_eq(&j, own) {
+            job.wake_next = next.take();
+            next = Some(job.caller.clone());
+        }
+    }
+    if let Some(first) = next {
+        first.unpark();
     }
 }
 
