@@ -2,11 +2,13 @@
 //!
 //! With SQLite's automatic checkpoints, the commit that crosses the WAL size threshold
 //! copies the WAL back into the database file and syncs it before it returns: a latency
-//! spike for one unlucky caller and work repeated for pages written again and again. The
-//! store (with [`Durability::Normal`](super::Durability::Normal)) turns automatic
-//! checkpoints off on its writer and runs a `PASSIVE` checkpoint from this thread four
-//! times a second instead, only when something was committed. `PASSIVE` never blocks
-//! writers or readers.
+//! spike for one unlucky group and work repeated for pages written again and again. The
+//! store turns automatic checkpoints off on its writer and runs a `PASSIVE` checkpoint
+//! from this thread four times a second instead, only when something was committed.
+//! `PASSIVE` never blocks writers or readers. Under
+//! [`Durability::Full`](super::Durability::Full) a checkpoint waits for the WAL sync in
+//! progress and holds back the next one until it ends: a sync beside a checkpoint waits
+//! for the checkpoint's writes on the disk too.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -16,6 +18,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
+
+use super::sync::WalSync;
 
 /// How often the checkpointer looks for committed frames.
 const INTERVAL: Duration = Duration::from_millis(250);
@@ -28,7 +32,14 @@ pub(crate) struct Checkpointer {
 }
 
 impl Checkpointer {
-    pub(crate) fn start(path: &Path, flags: OpenFlags, busy: Duration) -> rusqlite::Result<Self> {
+    /// Starts checkpointing the database at `path`. With `sync`, each checkpoint waits
+    /// for the WAL sync in progress and keeps new ones waiting until it ends.
+    pub(crate) fn start(
+        path: &Path,
+        flags: OpenFlags,
+        busy: Duration,
+        sync: Option<Arc<WalSync>>,
+    ) -> rusqlite::Result<Self> {
         let conn = Connection::open_with_flags(path, flags)?;
         conn.busy_timeout(busy)?;
         let dirty = Arc::new(AtomicBool::new(false));
@@ -43,7 +54,10 @@ impl Checkpointer {
                         Err(RecvTimeoutError::Timeout)
                     );
                     if flag.swap(false, Ordering::AcqRel) || last {
-                        checkpoint(&conn);
+                        match &sync {
+                            Some(s) => s.checkpoint(|| checkpoint(&conn)),
+                            None => checkpoint(&conn),
+                        }
                     }
                     if last {
                         break;

@@ -18,9 +18,7 @@
 //! has handed the writer to the next leader (see [`WalSync`]): the next group's
 //! transaction runs during the sync.
 
-use std::cell::Cell;
 use std::collections::VecDeque;
-use std::ffi::c_int;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -48,23 +46,6 @@ const LEAD_ROUNDS: usize = 4;
 /// A checkpoint that runs beside a stream of writes never catches up by itself, and the
 /// WAL would grow without bound.
 const RESTART_EVERY: u64 = 2_000;
-
-/// Under [`Durability::Full`](super::Durability::Full) the leader checkpoints once the
-/// WAL holds this many pages, as SQLite's automatic checkpoint would, but never while a
-/// sync runs (see [`WalSync::checkpoint`]).
-const CHECKPOINT_PAGES: i32 = 1_000;
-
-thread_local! {
-    /// The pages in the WAL after the last commit on this thread (see [`note_wal_pages`]).
-    static WAL_PAGES: Cell<i32> = const { Cell::new(0) };
-}
-
-/// SQLite's WAL hook: called by `COMMIT` on the committing thread with the pages now in
-/// the WAL. Installing it turns SQLite's automatic checkpoint off.
-pub(crate) fn note_wal_pages(_: &rusqlite::hooks::Wal, pages: c_int) -> rusqlite::Result<()> {
-    WAL_PAGES.set(pages);
-    Ok(())
-}
 
 /// A `PASSIVE` checkpoint on the writer, between two transactions.
 fn checkpoint(conn: &Connection) {
@@ -95,7 +76,7 @@ pub(crate) struct GroupWriter {
     conn: Mutex<Connection>,
     /// Syncs the WAL after commits ([`Durability::Full`](super::Durability::Full) on a
     /// file); `None` when a commit is as durable as it gets when `COMMIT` returns.
-    sync: Option<WalSync>,
+    sync: Option<Arc<WalSync>>,
     /// Checkpoints the WAL off the writers' path (file databases only). Declared after
     /// `conn` so the writer closes first and the checkpointer's last round sees every
     /// commit.
@@ -125,7 +106,7 @@ pub struct WriterStats {
 impl GroupWriter {
     pub(crate) fn new(
         conn: Connection,
-        sync: Option<WalSync>,
+        sync: Option<Arc<WalSync>>,
         checkpointer: Option<Checkpointer>,
     ) -> Self {
         GroupWriter {
@@ -144,7 +125,7 @@ impl GroupWriter {
             units: self.units.load(Ordering::Relaxed),
             transactions: self.transactions.load(Ordering::Relaxed),
             largest_group: self.largest.load(Ordering::Relaxed),
-            syncs: self.sync.as_ref().map_or(0, WalSync::syncs),
+            syncs: self.sync.as_ref().map_or(0, |s| s.syncs()),
         }
     }
 
@@ -297,13 +278,11 @@ impl GroupWriter {
         if let Some(c) = &self.checkpointer {
             c.committed();
             if done % RESTART_EVERY == 0 {
-                checkpoint(&conn);
+                match &self.sync {
+                    Some(s) => s.checkpoint(|| checkpoint(&conn)),
+                    None => checkpoint(&conn),
+                }
             }
-        }
-        if let Some(s) = &self.sync
-            && WAL_PAGES.get() >= CHECKPOINT_PAGES
-        {
-            s.checkpoint(|| checkpoint(&conn));
         }
         (jobs, outcomes, ticket)
     }

@@ -10,7 +10,7 @@ pub use group::WriterStats;
 use std::cell::Cell;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -308,30 +308,31 @@ impl SqliteStore {
             .build(manager)
             .map_err(|e| Error::storage(BACKEND, e))?;
 
-        // Under NORMAL, commits are cheap and SQLite's automatic checkpoint (run by the
-        // commit that fills the WAL) is the writers' largest cost, so a thread of its
-        // own does it. Under FULL, every commit waits for an fsync anyway and a
-        // checkpoint running beside the writers makes those fsyncs queue behind its
-        // own: there SQLite's automatic checkpoint measured faster (loadgen, 1 thread:
-        // 0.83x against 0.4-0.6x of the floor).
+        // Under FULL the store syncs the WAL itself after each commit (see `sync.rs`).
+        let wal_sync = match &location {
+            Location::File(path) if config.durability == Durability::Full => {
+                Some(Arc::new(sync::WalSync::new(path)))
+            }
+            _ => None,
+        };
+        // SQLite's automatic checkpoint runs in the commit that fills the WAL: a stall
+        // for one unlucky group. A thread of its own checkpoints instead (see
+        // `checkpoint.rs`); under FULL it never runs beside a WAL sync, whose callers
+        // would wait for the checkpoint's writes too.
         let checkpointer = match &location {
-            Location::File(path) if config.durability == Durability::Normal => {
+            Location::File(path) => {
                 writer
                     .execute_batch("PRAGMA wal_autocheckpoint = 0")
                     .map_err(sql_err)?;
                 Some(
-                    checkpoint::Checkpointer::start(path, flags, config.busy_timeout)
-                        .map_err(sql_err)?,
+                    checkpoint::Checkpointer::start(
+                        path,
+                        flags,
+                        config.busy_timeout,
+                        wal_sync.clone(),
+                    )
+                    .map_err(sql_err)?,
                 )
-            }
-            _ => None,
-        };
-        let wal_sync = match &location {
-            Location::File(path) if config.durability == Durability::Full => {
-                // The leader checkpoints instead of SQLite's automatic checkpoint, which
-                // this hook replaces: see `group.rs`.
-                writer.wal_hook(Some(group::note_wal_pages));
-                Some(sync::WalSync::new(path))
             }
             _ => None,
         };
