@@ -54,7 +54,7 @@ pub enum Durability {
     /// sync, and one sync makes every commit before it durable. A reader may see a
     /// commit for the fraction of a millisecond before its sync ends; a writer is told
     /// `Ok` only after. If a sync fails, the store refuses every later write with
-    /// [`Error::Storage`](crate::Error::Storage): reopen it.
+    /// [`Error::Storage`]: reopen it.
     #[default]
     Full,
     /// `PRAGMA synchronous = NORMAL`: commits survive a crash of the application, but
