@@ -78,6 +78,7 @@ cases![
     failed_confirmation_changes_nothing,
     ledger_records_every_kind_of_movement,
     failed_operations_write_no_movement,
+    add_to_stock_moves_only_within_its_guard,
     movements_read_back_by_time_and_page,
     metrics_match_hand_computed_figures,
     cart_holds_are_set_changed_and_renewed,
@@ -1342,6 +1343,56 @@ pub fn ledger_records_every_kind_of_movement(factory: Factory<'_>) {
     assert_eq!(levels(&stock, PLAIN, None), (9, 0, 5));
     let report = stock.verify_ledger().unwrap();
     assert_eq!((report.rows_checked, report.mismatches.len()), (1, 0));
+}
+
+/// [`StockTx::add_to_stock`](crate::StockTx::add_to_stock) moves counters only when none
+/// goes below zero and the total stays within [`MAX_STOCK`]; otherwise, and for a missing
+/// row, it answers `None` and changes nothing.
+pub fn add_to_stock_moves_only_within_its_guard(factory: Factory<'_>) {
+    let (stock, _) = services(factory);
+    shop(&stock);
+    let reserve = |q: i64| delta(-q, q, 0);
+    let results = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let out = Arc::clone(&results);
+    stock
+        .store()
+        .write(Box::new(move |tx| {
+            let seen = vec![
+                tx.add_to_stock(PLAIN, None, reserve(11))?,
+                tx.add_to_stock(PLAIN, None, delta(MAX_STOCK as i64, 0, 0))?,
+                tx.add_to_stock(PLAIN, None, delta(0, 0, -1))?,
+                tx.add_to_stock(SIZED, Some("XL"), reserve(1))?,
+                tx.add_to_stock(SIZED, None, reserve(1))?,
+                tx.stock(PLAIN, None)?,
+                tx.add_to_stock(PLAIN, None, reserve(4))?,
+                tx.add_to_stock(PLAIN, None, reserve(-4))?,
+            ];
+            *out.lock().unwrap() = seen;
+            Ok(())
+        }))
+        .expect("unit");
+    let l = |available, reserved, sold| {
+        Some(StockLevels {
+            available,
+            reserved,
+            sold,
+        })
+    };
+    assert_eq!(
+        *results.lock().unwrap(),
+        vec![
+            None,
+            None,
+            None,
+            None,
+            None,
+            l(10, 0, 0),
+            l(6, 4, 0),
+            l(10, 0, 0)
+        ]
+    );
+    assert_eq!(levels(&stock, PLAIN, None), (10, 0, 0));
+    assert_eq!(levels(&stock, SIZED, Some("S")), (5, 0, 0));
 }
 
 /// A refused or failed operation writes no movement.

@@ -107,6 +107,32 @@ impl StockLevels {
             .checked_add(self.reserved)?
             .checked_add(self.sold)
     }
+
+    /// The counters after adding `delta`, or `None` if a counter would go below zero or
+    /// the total above [`MAX_STOCK`]: the guard of
+    /// [`StockTx::add_to_stock`](crate::StockTx::add_to_stock).
+    ///
+    /// ```
+    /// use stockroom::{CounterDelta, StockLevels};
+    ///
+    /// let levels = StockLevels::with_available(3);
+    /// let reserve_two = CounterDelta { available: -2, reserved: 2, sold: 0 };
+    /// let after = levels.after(reserve_two).unwrap();
+    /// assert_eq!((after.available, after.reserved), (1, 2));
+    /// assert_eq!(after.after(reserve_two), None);
+    /// ```
+    pub fn after(self, delta: CounterDelta) -> Option<StockLevels> {
+        let add = |counter: u64, d: i64| counter.checked_add_signed(d);
+        let after = StockLevels {
+            available: add(self.available, delta.available)?,
+            reserved: add(self.reserved, delta.reserved)?,
+            sold: add(self.sold, delta.sold)?,
+        };
+        after
+            .total()
+            .is_some_and(|t| t <= MAX_STOCK)
+            .then_some(after)
+    }
 }
 
 /// What [`StockService::get_stock_info`](crate::StockService::get_stock_info) reports for one

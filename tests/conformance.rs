@@ -131,6 +131,7 @@ macro_rules! backend {
             case!(failed_confirmation_changes_nothing);
             case!(ledger_records_every_kind_of_movement);
             case!(failed_operations_write_no_movement);
+            case!(add_to_stock_moves_only_within_its_guard);
             case!(movements_read_back_by_time_and_page);
             case!(metrics_match_hand_computed_figures);
             case!(cart_holds_are_set_changed_and_renewed);

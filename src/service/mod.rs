@@ -116,6 +116,58 @@ impl Movement {
         Ok(next)
     }
 
+    /// The change to each counter that moving `quantity` makes. `quantity` is at most
+    /// [`MAX_STOCK`], so it fits.
+    pub(crate) fn delta(self, quantity: u64) -> CounterDelta {
+        let q = i64::try_from(quantity).unwrap_or(i64::MAX);
+        let (available, reserved, sold) = match self {
+            Movement::Reserve => (-q, q, 0),
+            Movement::Release => (q, -q, 0),
+            Movement::SellReserved => (0, -q, q),
+            Movement::SellAvailable => (-q, 0, q),
+            Movement::Restock => (q, 0, 0),
+        };
+        CounterDelta {
+            available,
+            reserved,
+            sold,
+        }
+    }
+
+    /// Moves `quantity` on one stock row, with its ledger movement: in one statement
+    /// where the store can (see [`StockTx::add_to_stock`]), otherwise (the guard
+    /// refused, or the row is missing) from the loaded row, which explains a refusal.
+    /// Returns the row's counters after.
+    pub(crate) fn apply_to_row(
+        self,
+        tx: &mut dyn StockTx,
+        product: ProductId,
+        size: Option<&str>,
+        quantity: u64,
+        movement: NewMovementOf<'_>,
+    ) -> Result<StockLevels> {
+        let delta = self.delta(quantity);
+        let after = match tx.add_to_stock(product, size, delta)? {
+            Some(after) => after,
+            None => {
+                let levels = load_row(tx, product, size)?;
+                let after = self.apply(product, size, levels, quantity)?;
+                // The guard refused what the counters allow: another writer changed
+                // the row in between (PostgreSQL). It is locked now.
+                tx.update_stock(product, size, after)?;
+                after
+            }
+        };
+        tx.insert_movement(&movement.cause.movement(
+            movement.at,
+            movement.kind,
+            product,
+            size,
+            delta,
+        ))?;
+        Ok(after)
+    }
+
     /// The log line of a movement: "Reserved 2 units of size M for product 123".
     pub(crate) fn describe(self, quantity: u64, row: &RowName<'_>) -> String {
         match self {
@@ -259,6 +311,34 @@ impl Cause {
             reference: None,
         }
     }
+
+    /// The ledger row of a change this caused.
+    pub(crate) fn movement(
+        &self,
+        at: DateTime<Utc>,
+        kind: MovementKind,
+        product: ProductId,
+        size: Option<&str>,
+        delta: CounterDelta,
+    ) -> NewMovement {
+        NewMovement {
+            at,
+            product_id: product,
+            size: size.map(str::to_owned),
+            kind,
+            delta,
+            order_id: self.order_id,
+            payment_hash: self.payment_hash.clone(),
+            reference: self.reference.clone(),
+        }
+    }
+}
+
+/// What a one-row movement writes to the ledger besides its delta.
+pub(crate) struct NewMovementOf<'a> {
+    pub(crate) kind: MovementKind,
+    pub(crate) cause: &'a Cause,
+    pub(crate) at: DateTime<Utc>,
 }
 
 /// The stock rows of a multi-row unit, loaded in ascending (product, size) order so that
@@ -355,16 +435,8 @@ impl LockedRows {
         size: Option<&str>,
         delta: CounterDelta,
     ) {
-        self.movements.push(NewMovement {
-            at: self.at,
-            product_id: product,
-            size: size.map(str::to_owned),
-            kind,
-            delta,
-            order_id: cause.order_id,
-            payment_hash: cause.payment_hash.clone(),
-            reference: cause.reference.clone(),
-        });
+        self.movements
+            .push(cause.movement(self.at, kind, product, size, delta));
     }
 
     /// Writes back every changed row, in the same sorted order, then the ledger rows.

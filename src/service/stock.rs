@@ -8,12 +8,12 @@ use crate::clock::{Clock, SystemClock, normalize};
 use crate::error::{Error, Result};
 use crate::model::{
     Availability, CounterDelta, InitialStock, MAX_LABEL_LEN, MAX_NAME_LEN, MAX_QUANTITY, MAX_STOCK,
-    MovementKind, NewMovement, NewProduct, Product, ProductId, StockCount, StockCountRecord,
-    StockInfo, StockLevels, StockLine,
+    MovementKind, NewProduct, Product, ProductId, StockCount, StockCountRecord, StockInfo,
+    StockLevels, StockLine,
 };
 use crate::service::{
-    Cause, LockedRows, Movement, RowName, check_label, check_lines, check_quantity, check_size,
-    load_row,
+    Cause, LockedRows, Movement, NewMovementOf, RowName, check_label, check_lines, check_quantity,
+    check_size, load_row,
 };
 use crate::store::{StockStore, StoreExt};
 
@@ -178,16 +178,13 @@ impl StockService {
                 if *q > 0 {
                     // The initial stock is the row's first movement, so the ledger sums
                     // to the counters from the start.
-                    tx.insert_movement(&NewMovement {
+                    tx.insert_movement(&cause.movement(
                         at,
-                        product_id: record.id,
-                        size: size.clone(),
-                        kind: MovementKind::Restock,
-                        delta: CounterDelta::between(StockLevels::default(), levels),
-                        order_id: None,
-                        payment_hash: None,
-                        reference: cause.reference.clone(),
-                    })?;
+                        MovementKind::Restock,
+                        record.id,
+                        size.as_deref(),
+                        CounterDelta::between(StockLevels::default(), levels),
+                    ))?;
                 }
             }
             Ok(())
@@ -457,16 +454,13 @@ impl StockService {
                 }
                 if next != levels {
                     tx.update_stock(product_id, size, next)?;
-                    tx.insert_movement(&NewMovement {
+                    tx.insert_movement(&cause.movement(
                         at,
+                        MovementKind::CountCorrection,
                         product_id,
-                        size: owned_size.clone(),
-                        kind: MovementKind::CountCorrection,
-                        delta: CounterDelta::between(levels, next),
-                        order_id: None,
-                        payment_hash: None,
-                        reference: cause.reference.clone(),
-                    })?;
+                        size,
+                        CounterDelta::between(levels, next),
+                    ))?;
                 }
             }
             let count = StockCount {
@@ -534,6 +528,17 @@ impl StockService {
         let at = self.now();
         let logged = lines.clone();
         let result = self.store.write_with(move |tx| {
+            if let [line] = lines.as_slice() {
+                let size = line.size.as_deref();
+                let ledger = NewMovementOf {
+                    kind,
+                    cause: &cause,
+                    at,
+                };
+                let after =
+                    movement.apply_to_row(tx, line.product_id, size, line.quantity, ledger)?;
+                return Ok(vec![StockInfo::new(line.product_id, size, after)]);
+            }
             let keys = lines.iter().map(|l| (l.product_id, l.size.as_deref()));
             let mut rows = LockedRows::load(tx, keys, at)?;
             let several = lines.len() > 1;

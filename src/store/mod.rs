@@ -185,6 +185,27 @@ pub trait StockTx: StockRead {
         levels: StockLevels,
     ) -> Result<()>;
 
+    /// Adds `delta` to the counters of an existing stock row, in one step, only if no
+    /// counter goes below zero and their total stays at most
+    /// [`MAX_STOCK`](crate::MAX_STOCK) (see [`StockLevels::after`]). Returns the counters
+    /// after, or `None`, changing nothing, when the row does not exist or the guard
+    /// refuses. In a write unit the row is locked once changed.
+    ///
+    /// The services move one row's counters through this, so that a backend can read and
+    /// write the row in one statement; the default loads the row and updates it.
+    fn add_to_stock(
+        &mut self,
+        product: ProductId,
+        size: Option<&str>,
+        delta: CounterDelta,
+    ) -> Result<Option<StockLevels>> {
+        let Some(after) = self.stock(product, size)?.and_then(|l| l.after(delta)) else {
+            return Ok(None);
+        };
+        self.update_stock(product, size, after)?;
+        Ok(Some(after))
+    }
+
     /// Inserts a payment record. Its hash is new (128 random bits).
     fn insert_payment(&mut self, payment: &Payment) -> Result<()>;
 

@@ -14,9 +14,9 @@ use r2d2_postgres::PostgresConnectionManager;
 
 use crate::error::{Error, Result};
 use crate::model::{
-    CounterDelta, Hold, HoldId, HoldStatus, KindTotal, MovementKind, MovementQuery, NewHold,
-    NewMovement, NewOrder, Order, OrderId, OrderStatus, Payment, PaymentStatus, Product, ProductId,
-    StockCount, StockCountRecord, StockLevels, StockMovement,
+    CounterDelta, Hold, HoldId, HoldStatus, KindTotal, MAX_STOCK, MovementKind, MovementQuery,
+    NewHold, NewMovement, NewOrder, Order, OrderId, OrderStatus, Payment, PaymentStatus, Product,
+    ProductId, StockCount, StockCountRecord, StockLevels, StockMovement,
 };
 use crate::store::{LedgerBalance, ReadUnit, StockRead, StockRow, StockStore, StockTx, WriteUnit};
 
@@ -746,6 +746,31 @@ impl StockTx for PgTx<'_, '_> {
             ],
         )?;
         expect_one(n, "stock row")
+    }
+
+    fn add_to_stock(
+        &mut self,
+        product: ProductId,
+        size: Option<&str>,
+        d: CounterDelta,
+    ) -> Result<Option<StockLevels>> {
+        let row = self.query_opt(
+            "UPDATE stock SET available = available + $3, reserved = reserved + $4, \
+             sold = sold + $5 \
+             WHERE product_id = $1 AND size = $2 AND available + $3 >= 0 \
+               AND reserved + $4 >= 0 AND sold + $5 >= 0 \
+               AND available + reserved + sold + $3 + $4 + $5 <= $6 \
+             RETURNING available, reserved, sold",
+            &[
+                &product.0,
+                &size_db(size),
+                &d.available,
+                &d.reserved,
+                &d.sold,
+                &db(MAX_STOCK)?,
+            ],
+        )?;
+        row.map(|r| levels(&r, 0)).transpose()
     }
 
     fn insert_payment(&mut self, p: &Payment) -> Result<()> {
