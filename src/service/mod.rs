@@ -446,9 +446,6 @@ impl LockedRows {
                 tx.update_stock(p, s.as_deref(), levels)?;
             }
         }
-        for movement in &self.movements {
-            tx.insert_movement(movement)?;
-        }
-        Ok(())
+        tx.insert_movements(&self.movements)
     }
 }

@@ -222,6 +222,12 @@ pub trait StockTx: StockRead {
     /// Appends a movement to the ledger. Movements are never updated or deleted.
     fn insert_movement(&mut self, movement: &NewMovement) -> Result<()>;
 
+    /// Appends several movements, in order (their ids ascend in this order). The default
+    /// inserts them one by one; a backend may insert several rows per statement.
+    fn insert_movements(&mut self, movements: &[NewMovement]) -> Result<()> {
+        movements.iter().try_for_each(|m| self.insert_movement(m))
+    }
+
     /// Records a physical stock count.
     fn insert_stock_count(&mut self, count: &StockCountRecord) -> Result<()>;
 

@@ -10,12 +10,12 @@ pub use group::WriterStats;
 use std::cell::Cell;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use r2d2_sqlite::SqliteConnectionManager;
-use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, ToSql, params};
 
 use crate::error::{Error, Result};
 use crate::model::{
@@ -938,23 +938,36 @@ impl StockTx for SqliteTx<'_> {
     }
 
     fn insert_movement(&mut self, m: &NewMovement) -> Result<()> {
-        self.run(
-            "INSERT INTO stock_movements (at, product_id, size, kind, available_delta, \
-             reserved_delta, sold_delta, order_id, payment_hash, reference) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            params![
-                time_db(m.at),
-                m.product_id.0,
-                size_db(m.size.as_deref()),
-                m.kind.as_str(),
-                m.delta.available,
-                m.delta.reserved,
-                m.delta.sold,
-                m.order_id.map(|o| o.0),
-                m.payment_hash,
-                m.reference
-            ],
-        )?;
+        self.insert_movements(std::slice::from_ref(m))
+    }
+
+    fn insert_movements(&mut self, movements: &[NewMovement]) -> Result<()> {
+        // Up to MOVEMENTS_PER_INSERT rows per statement: one statement step instead of
+        // one per row, and a handful of cached statements (one per row count).
+        for chunk in movements.chunks(MOVEMENTS_PER_INSERT) {
+            let ats: Vec<i64> = chunk.iter().map(|m| time_db(m.at)).collect();
+            let orders: Vec<Option<i64>> = chunk.iter().map(|m| m.order_id.map(|o| o.0)).collect();
+            let kinds: Vec<&str> = chunk.iter().map(|m| m.kind.as_str()).collect();
+            let mut values: Vec<&dyn ToSql> = Vec::with_capacity(chunk.len() * 10);
+            for (i, m) in chunk.iter().enumerate() {
+                values.extend_from_slice(&[
+                    &ats[i],
+                    &m.product_id.0,
+                    size_ref(&m.size),
+                    &kinds[i],
+                    &m.delta.available,
+                    &m.delta.reserved,
+                    &m.delta.sold,
+                    &orders[i],
+                    &m.payment_hash,
+                    &m.reference,
+                ]);
+            }
+            self.run(
+                insert_movements_sql(chunk.len()),
+                rusqlite::params_from_iter(values),
+            )?;
+        }
         Ok(())
     }
 
@@ -1007,6 +1020,43 @@ impl StockTx for SqliteTx<'_> {
             ],
         )?;
         expect_one(n, "hold")
+    }
+}
+
+/// The most ledger rows one `INSERT` statement appends.
+const MOVEMENTS_PER_INSERT: usize = 8;
+
+/// `INSERT INTO stock_movements ... VALUES (...), (...)` for `rows` rows (1 to
+/// [`MOVEMENTS_PER_INSERT`]), built once.
+fn insert_movements_sql(rows: usize) -> &'static str {
+    static SQL: OnceLock<Vec<String>> = OnceLock::new();
+    let all = SQL.get_or_init(|| {
+        (1..=MOVEMENTS_PER_INSERT)
+            .map(|n| {
+                let rows: Vec<String> = (0..n)
+                    .map(|row| {
+                        let params: Vec<String> =
+                            (1..=10).map(|i| format!("?{}", row * 10 + i)).collect();
+                        format!("({})", params.join(", "))
+                    })
+                    .collect();
+                format!(
+                    "INSERT INTO stock_movements (at, product_id, size, kind, \
+                     available_delta, reserved_delta, sold_delta, order_id, payment_hash, \
+                     reference) VALUES {}",
+                    rows.join(", ")
+                )
+            })
+            .collect()
+    });
+    &all[rows - 1]
+}
+
+/// The stored form of a size, borrowed.
+fn size_ref(size: &Option<String>) -> &dyn ToSql {
+    match size {
+        Some(s) => s,
+        None => &"",
     }
 }
 
