@@ -48,7 +48,7 @@ fn a_new_file_is_migrated_to_the_latest_schema_in_wal_mode() {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
     let mode: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .unwrap();
@@ -84,7 +84,7 @@ fn a_database_from_a_newer_version_is_refused() {
         .execute_batch("PRAGMA user_version = 99")
         .unwrap();
     match SqliteStore::open(&path) {
-        Err(Error::SchemaTooNew { found, supported }) => assert_eq!((found, supported), (99, 3)),
+        Err(Error::SchemaTooNew { found, supported }) => assert_eq!((found, supported), (99, 4)),
         other => panic!("expected SCHEMA_TOO_NEW, got {other:?}"),
     }
 }
@@ -349,7 +349,7 @@ fn an_older_database_is_migrated_step_by_step_keeping_its_data() {
         .unwrap()
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
     assert_eq!(levels(&stock), (10, 0, 0));
     // The ledger starts from an opening balance, so it adds up from the first day.
     let opening = stock
@@ -597,4 +597,83 @@ fn units_failing_after_a_write_are_undone_alone_in_shared_commits() {
         stats.transactions - before.transactions < 1_200,
         "no commit was shared: {stats:?}"
     );
+}
+
+/// Version 4 rebuilt the ledger table with a cheaper kind check: a version-3 file keeps
+/// every movement (ids, order, contents), and the rebuilt table still refuses an unknown
+/// kind, updates and deletes.
+#[test]
+fn the_ledger_rebuilt_by_version_4_keeps_its_rows_and_its_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stock.db");
+    let before = {
+        let stock = service(SqliteStore::open(&path).unwrap());
+        stock
+            .create_product(NewProduct::plain(MUG, "Mug", 10))
+            .unwrap();
+        stock.reserve_stock(MUG, 3, None).unwrap();
+        stock.unreserve_stock(MUG, 1, None).unwrap();
+        stock.confirm_stock_sale(MUG, 2, None).unwrap();
+        stock
+            .movements(&stockroom::MovementQuery::product(MUG))
+            .unwrap()
+    };
+    assert_eq!(before.len(), 4);
+    // Put back the version-3 table: same rows, the old check.
+    let conn = Connection::open(&path).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE old_rows AS SELECT * FROM stock_movements;
+         DROP TABLE stock_movements;
+         CREATE TABLE stock_movements (
+            id INTEGER PRIMARY KEY, at INTEGER NOT NULL, product_id INTEGER NOT NULL,
+            size TEXT NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('reserve', 'release', 'sale', 'expire',
+                'cancel', 'restock', 'count_correction', 'late_payment_revival', 'hold',
+                'hold_release', 'hold_expire', 'hold_convert')),
+            available_delta INTEGER NOT NULL, reserved_delta INTEGER NOT NULL,
+            sold_delta INTEGER NOT NULL, order_id INTEGER, payment_hash TEXT,
+            reference TEXT,
+            FOREIGN KEY (product_id, size) REFERENCES stock (product_id, size)) STRICT;
+         INSERT INTO stock_movements SELECT * FROM old_rows;
+         DROP TABLE old_rows;
+         CREATE INDEX stock_movements_by_product ON stock_movements (product_id, at, id);
+         PRAGMA user_version = 3;",
+    )
+    .unwrap();
+    drop(conn);
+    let stock = service(SqliteStore::open(&path).unwrap());
+    let after = stock
+        .movements(&stockroom::MovementQuery::product(MUG))
+        .unwrap();
+    assert_eq!(after, before);
+    assert!(stock.verify_ledger().unwrap().is_consistent());
+    stock.reserve_stock(MUG, 1, None).unwrap();
+    let ids: Vec<i64> = stock
+        .movements(&stockroom::MovementQuery::product(MUG))
+        .unwrap()
+        .iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(ids.len(), 5);
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids ascend: {ids:?}");
+    let conn = Connection::open(&path).unwrap();
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 4);
+    let bad_kind = conn
+        .execute(
+            "INSERT INTO stock_movements (at, product_id, size, kind, available_delta, \
+             reserved_delta, sold_delta) VALUES (0, 1, '', 'teleport', 0, 0, 0)",
+            [],
+        )
+        .unwrap_err();
+    assert!(bad_kind.to_string().contains("CHECK"), "{bad_kind}");
+    for sql in [
+        "UPDATE stock_movements SET available_delta = 99",
+        "DELETE FROM stock_movements",
+    ] {
+        let err = conn.execute(sql, []).unwrap_err();
+        assert!(err.to_string().contains("append-only"), "{sql}: {err}");
+    }
 }
