@@ -284,10 +284,14 @@ impl SqliteStore {
         // Under FULL the WAL is synced after each commit by the store itself (see
         // `sync.rs`), not inside `COMMIT` by SQLite: the next transaction runs during the
         // sync. SQLite's NORMAL keeps the file consistent across a power cut either way.
+        // The writer keeps up to 16 MiB of pages (SQLite's default is 2 MiB): a cleanup
+        // batch of 500 orders among a million dirties about a thousand pages of indexes
+        // spread over the file (criterion: 10,000 expired among 1,000,000 orders took
+        // 1.89x the time among 10,000 with 2 MiB, 1.58x with 16 MiB).
         writer
             .execute_batch(
                 "PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; \
-                 PRAGMA journal_size_limit = 67108864;",
+                 PRAGMA journal_size_limit = 67108864; PRAGMA cache_size = -16384;",
             )
             .map_err(sql_err)?;
         writer.set_prepared_statement_cache_capacity(64);
