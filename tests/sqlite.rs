@@ -678,3 +678,33 @@ fn the_ledger_rebuilt_by_version_4_keeps_its_rows_and_its_rules() {
         assert!(err.to_string().contains("append-only"), "{sql}: {err}");
     }
 }
+
+/// Under FULL the store syncs the WAL itself after each commit. When that sync fails,
+/// the caller is not told its write succeeded, and the store refuses every later write
+/// rather than promise durability it cannot give. (The sync is made to fail by putting a
+/// directory where the WAL file was, before the first write.)
+#[test]
+fn a_failed_wal_sync_fails_the_write_and_refuses_later_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stock.db");
+    let store = Arc::new(SqliteStore::open(&path).unwrap());
+    let stock = StockService::new(store.clone());
+    let wal = dir.path().join("stock.db-wal");
+    if wal.exists() {
+        std::fs::remove_file(&wal).unwrap();
+    }
+    std::fs::create_dir(&wal).unwrap();
+    let first = stock
+        .create_product(NewProduct::plain(MUG, "Mug", 10))
+        .unwrap_err();
+    assert_eq!(first.code(), "STORAGE");
+    assert!(first.to_string().contains("could not be synced"), "{first}");
+    for _ in 0..2 {
+        let later = stock
+            .create_product(NewProduct::plain(ProductId(2), "Bowl", 10))
+            .unwrap_err();
+        assert_eq!(later.code(), "STORAGE");
+        assert!(later.to_string().contains("reopen the store"), "{later}");
+    }
+    assert_eq!(store.writer_stats().units, 1, "later writes never ran");
+}
