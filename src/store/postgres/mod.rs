@@ -3,13 +3,14 @@
 
 mod schema;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use postgres::error::SqlState;
 use postgres::types::ToSql;
-use postgres::{IsolationLevel, NoTls, Row, Transaction};
+use postgres::{Client, IsolationLevel, NoTls, Row, Statement, Transaction};
 use r2d2_postgres::PostgresConnectionManager;
 
 use crate::error::{Error, Result};
@@ -172,7 +173,7 @@ impl fmt::Debug for PostgresConfig {
 /// # Ok::<(), stockroom::Error>(())
 /// ```
 pub struct PostgresStore {
-    pool: r2d2::Pool<PostgresConnectionManager<NoTls>>,
+    pool: r2d2::Pool<Manager>,
     config: PostgresConfig,
 }
 
@@ -214,7 +215,7 @@ impl PostgresStore {
             }
             pg.options(&format!("-c search_path={schema}"));
         }
-        let manager = PostgresConnectionManager::new(pg, NoTls);
+        let manager = Manager(PostgresConnectionManager::new(pg, NoTls));
         let pool = r2d2::Pool::builder()
             .max_size(config.pool_size.max(1))
             .min_idle(Some(0))
@@ -223,7 +224,7 @@ impl PostgresStore {
             .map_err(|e| Error::storage(BACKEND, e))?;
         {
             let mut client = pool.get().map_err(|e| Error::storage(BACKEND, e))?;
-            schema::migrate(&mut client, config.schema.as_deref())?;
+            schema::migrate(&mut client.client, config.schema.as_deref())?;
         }
         log::debug!("postgres: connected ({config:?})");
         Ok(PostgresStore { pool, config })
@@ -234,8 +235,39 @@ impl PostgresStore {
         &self.config
     }
 
-    fn client(&self) -> Result<r2d2::PooledConnection<PostgresConnectionManager<NoTls>>> {
+    fn client(&self) -> Result<r2d2::PooledConnection<Manager>> {
         self.pool.get().map_err(|e| Error::storage(BACKEND, e))
+    }
+}
+
+/// The pool's connections: a client and the statements prepared on it.
+struct Manager(PostgresConnectionManager<NoTls>);
+
+/// A pooled connection with its prepared statements, by SQL text. Each statement is
+/// prepared once per connection (a round trip) and then only bound and executed: a
+/// reservation is 4 round trips instead of 6. The texts are the store's own, a few dozen.
+struct Connection {
+    client: Client,
+    statements: HashMap<String, Statement>,
+}
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = Connection;
+    type Error = postgres::Error;
+
+    fn connect(&self) -> std::result::Result<Connection, postgres::Error> {
+        Ok(Connection {
+            client: self.0.connect()?,
+            statements: HashMap::new(),
+        })
+    }
+
+    fn is_valid(&self, conn: &mut Connection) -> std::result::Result<(), postgres::Error> {
+        self.0.is_valid(&mut conn.client)
+    }
+
+    fn has_broken(&self, conn: &mut Connection) -> bool {
+        self.0.has_broken(&mut conn.client)
     }
 }
 
@@ -257,13 +289,15 @@ impl StockStore for PostgresStore {
     }
 
     fn write(&self, mut unit: WriteUnit) -> Result<()> {
-        let mut client = self.client()?;
+        let mut conn = self.client()?;
+        let Connection { client, statements } = &mut *conn;
         let mut attempt = 0;
         loop {
             let outcome = (|| {
                 let mut tx = client.transaction().map_err(pg_err)?;
                 unit(&mut PgTx {
                     tx: &mut tx,
+                    statements: &mut *statements,
                     locking: true,
                 })?;
                 tx.commit().map_err(pg_err)
@@ -291,7 +325,8 @@ impl StockStore for PostgresStore {
     }
 
     fn read(&self, unit: ReadUnit<'_>) -> Result<()> {
-        let mut client = self.client()?;
+        let mut conn = self.client()?;
+        let Connection { client, statements } = &mut *conn;
         let mut tx = client
             .build_transaction()
             .isolation_level(IsolationLevel::RepeatableRead)
@@ -300,6 +335,7 @@ impl StockStore for PostgresStore {
             .map_err(pg_err)?;
         let outcome = unit(&mut PgTx {
             tx: &mut tx,
+            statements,
             locking: false,
         });
         let end = tx.rollback().map_err(pg_err);
@@ -311,6 +347,7 @@ impl StockStore for PostgresStore {
 /// write unit.
 struct PgTx<'a, 'c> {
     tx: &'a mut Transaction<'c>,
+    statements: &'a mut HashMap<String, Statement>,
     locking: bool,
 }
 
@@ -326,16 +363,30 @@ impl PgTx<'_, '_> {
         }
     }
 
+    /// The statement for `sql`, prepared on this connection the first time. Prepared
+    /// statements belong to the session, so a rolled-back transaction keeps them.
+    fn prepared(&mut self, sql: &str) -> Result<Statement> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.tx.prepare(sql).map_err(pg_err)?;
+        self.statements.insert(sql.to_owned(), statement.clone());
+        Ok(statement)
+    }
+
     fn query(&mut self, sql: &str, params: Params<'_>) -> Result<Vec<Row>> {
-        self.tx.query(sql, params).map_err(pg_err)
+        let statement = self.prepared(sql)?;
+        self.tx.query(&statement, params).map_err(pg_err)
     }
 
     fn query_opt(&mut self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
-        self.tx.query_opt(sql, params).map_err(pg_err)
+        let statement = self.prepared(sql)?;
+        self.tx.query_opt(&statement, params).map_err(pg_err)
     }
 
     fn execute(&mut self, sql: &str, params: Params<'_>) -> Result<u64> {
-        self.tx.execute(sql, params).map_err(pg_err)
+        let statement = self.prepared(sql)?;
+        self.tx.execute(&statement, params).map_err(pg_err)
     }
 }
 
