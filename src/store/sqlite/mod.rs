@@ -118,10 +118,12 @@ impl Default for SqliteConfig {
 
 /// A store on a SQLite database file (or one in memory), with SQLite bundled.
 ///
-/// - Every write unit is one `BEGIN IMMEDIATE` transaction on the store's one writer
+/// - Write units run in `BEGIN IMMEDIATE` transactions on the store's one writer
 ///   connection: writers of one process queue for it instead of racing for SQLite's lock,
-///   and a busy error cannot come from a deferred transaction upgrading to a write.
-///   Several processes may share one file; they wait for each other up to
+///   and a busy error cannot come from a deferred transaction upgrading to a write. The
+///   units queued while one transaction runs share the next one and its commit (group
+///   commit; see [`writer_stats`](SqliteStore::writer_stats)); each succeeds or fails on
+///   its own. Several processes may share one file; they wait for each other up to
 ///   [`SqliteConfig::busy_timeout`].
 /// - The file uses the WAL journal, so reads (served by a pool of read-only connections)
 ///   never wait for writers.
