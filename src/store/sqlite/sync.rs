@@ -48,8 +48,11 @@ struct State {
 
 impl WalSync {
     /// Syncs the WAL of the database file `db`.
+    /// The database file exists by then; its absolute path keeps the WAL found if the
+    /// process changes its working directory later, as SQLite's own path does.
     pub(crate) fn new(db: &std::path::Path) -> Self {
-        let mut wal = db.as_os_str().to_owned();
+        let db = std::fs::canonicalize(db).unwrap_or_else(|_| db.to_path_buf());
+        let mut wal = db.into_os_string();
         wal.push("-wal");
         WalSync {
             wal: wal.into(),
