@@ -34,7 +34,8 @@ struct State {
     committed: u64,
     /// Every commit up to this one is durable.
     synced: u64,
-    /// The highest commit a sync in progress will make durable.
+    /// The highest commit the sync in progress (or the last one) makes durable: a sync
+    /// runs while this is above `synced`.
     in_flight: u64,
     /// Syncs run so far.
     syncs: u64,
@@ -85,10 +86,10 @@ impl WalSync {
     }
 
     /// Returns once the commit with `ticket` is durable: at once if a sync that started
-    /// after it has finished, after a sync in progress that covers it, or after a sync
-    /// this caller starts itself. Syncs may overlap: one that starts while another runs
-    /// does not wait for it, and whichever finishes makes durable every commit made
-    /// before it started.
+    /// after it has finished, or after the sync in progress (and a checkpoint in
+    /// progress) and then, if that did not cover it, a sync this caller runs itself.
+    /// One sync runs at a time (syncs started beside another measured no faster on the
+    /// benchmark machine), and each makes durable every commit made before it started.
     pub(crate) fn wait(&self, ticket: u64) -> Result<()> {
         let mut state = lock(&self.state);
         loop {
