@@ -54,10 +54,7 @@ impl Checkpointer {
                         Err(RecvTimeoutError::Timeout)
                     );
                     if flag.swap(false, Ordering::AcqRel) || last {
-                        match &sync {
-                            Some(s) => s.checkpoint(|| checkpoint(&conn)),
-                            None => checkpoint(&conn),
-                        }
+                        checkpoint(&conn, sync.as_deref(), "background");
                     }
                     if last {
                         break;
@@ -83,7 +80,17 @@ impl Checkpointer {
     }
 }
 
-fn checkpoint(conn: &Connection) {
+/// A `PASSIVE` checkpoint on `conn`, with no WAL sync of `sync` running beside it;
+/// whether it copied every frame of the WAL (no reader or writer held it back), so that
+/// the next write starts the WAL over. `who` names the caller in the log.
+pub(crate) fn checkpoint(conn: &Connection, sync: Option<&WalSync>, who: &str) -> bool {
+    match sync {
+        Some(s) => s.checkpoint(|| passive(conn, who)),
+        None => passive(conn, who),
+    }
+}
+
+fn passive(conn: &Connection, who: &str) -> bool {
     let result = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
         Ok((
             r.get::<_, i64>(0)?,
@@ -93,9 +100,13 @@ fn checkpoint(conn: &Connection) {
     });
     match result {
         Ok((busy, log, done)) => {
-            log::trace!("sqlite: checkpoint copied {done} of {log} WAL frames (busy {busy})")
+            log::trace!("sqlite: {who} checkpoint copied {done} of {log} WAL frames (busy {busy})");
+            busy == 0 && done == log
         }
-        Err(e) => log::debug!("sqlite: checkpoint skipped: {e}"),
+        Err(e) => {
+            log::debug!("sqlite: {who} checkpoint skipped: {e}");
+            false
+        }
     }
 }
 

@@ -29,7 +29,7 @@ use rusqlite::Connection;
 use crate::error::{Error, Result};
 use crate::store::WriteUnit;
 
-use super::checkpoint::Checkpointer;
+use super::checkpoint::{Checkpointer, checkpoint};
 use super::sync::WalSync;
 use super::{BACKEND, SqliteTx, exec, lock};
 
@@ -55,27 +55,6 @@ const RESTART_EVERY_SYNCED: u64 = 2_000;
 /// How many commits the writer waits before it tries again a catch-up checkpoint that
 /// could not complete.
 const RESTART_RETRY: u64 = 50;
-
-/// A `PASSIVE` checkpoint on the writer, between two transactions.
-fn checkpoint(conn: &Connection) -> bool {
-    let result = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-        Ok((
-            r.get::<_, i64>(0)?,
-            r.get::<_, i64>(1)?,
-            r.get::<_, i64>(2)?,
-        ))
-    });
-    match result {
-        Ok((busy, log, done)) => {
-            log::trace!("sqlite: writer checkpoint copied {done} of {log} frames (busy {busy})");
-            busy == 0 && done == log
-        }
-        Err(e) => {
-            log::debug!("sqlite: writer checkpoint skipped: {e}");
-            false
-        }
-    }
-}
 
 /// What a unit's caller gets back: its result, or the panic it raised.
 type Outcome = std::thread::Result<Result<()>>;
@@ -309,14 +288,11 @@ impl GroupWriter {
             // would otherwise wait a whole round and let the WAL grow twice as long
             // (the WAL-bound test caught that one run in three).
             let since = self.since_restart.fetch_add(1, Ordering::Relaxed) + 1;
-            if since >= every && (since - every) % RESTART_RETRY == 0 {
-                let completed = match &self.sync {
-                    Some(s) => s.checkpoint(|| checkpoint(&conn)),
-                    None => checkpoint(&conn),
-                };
-                if completed {
-                    self.since_restart.store(0, Ordering::Relaxed);
-                }
+            if since >= every
+                && (since - every) % RESTART_RETRY == 0
+                && checkpoint(&conn, self.sync.as_deref(), "writer")
+            {
+                self.since_restart.store(0, Ordering::Relaxed);
             }
         }
         (jobs, outcomes, ticket)

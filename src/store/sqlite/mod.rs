@@ -954,12 +954,13 @@ impl StockTx for SqliteTx<'_> {
             let ats: Vec<i64> = chunk.iter().map(|m| time_db(m.at)).collect();
             let orders: Vec<Option<i64>> = chunk.iter().map(|m| m.order_id.map(|o| o.0)).collect();
             let kinds: Vec<&str> = chunk.iter().map(|m| m.kind.as_str()).collect();
+            let sizes: Vec<&str> = chunk.iter().map(|m| size_db(m.size.as_deref())).collect();
             let mut values: Vec<&dyn ToSql> = Vec::with_capacity(chunk.len() * 10);
             for (i, m) in chunk.iter().enumerate() {
                 values.extend_from_slice(&[
                     &ats[i],
                     &m.product_id.0,
-                    size_ref(&m.size),
+                    &sizes[i],
                     &kinds[i],
                     &m.delta.available,
                     &m.delta.reserved,
@@ -1056,14 +1057,6 @@ fn insert_movements_sql(rows: usize) -> &'static str {
             .collect()
     });
     &all[rows - 1]
-}
-
-/// The stored form of a size, borrowed.
-fn size_ref(size: &Option<String>) -> &dyn ToSql {
-    match size {
-        Some(s) => s,
-        None => &"",
-    }
 }
 
 /// A `LIMIT` parameter.
