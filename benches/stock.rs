@@ -10,6 +10,9 @@ use std::time::Duration;
 use chrono::{TimeDelta, TimeZone, Utc};
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use rusqlite::Connection;
+
+#[path = "../examples/support/floor.rs"]
+mod floor;
 use stockroom::{
     CheckoutRequest, Durability, MAX_STOCK, MemoryStore, NewProduct, OrderConfig, OrderLine,
     OrderService, ProductId, SqliteConfig, SqliteStore, StockLine, StockService, StockStore,
@@ -79,40 +82,10 @@ fn floor(c: &mut Criterion, dir: &std::path::Path) {
     let mut group = c.benchmark_group("floor");
     for (name, sync) in [("sqlite_normal", "NORMAL"), ("sqlite_full", "FULL")] {
         let conn = Connection::open(dir.join(format!("floor-{name}.db"))).unwrap();
-        conn.execute_batch(&format!(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync};
-             CREATE TABLE stock (product_id INTEGER NOT NULL, size TEXT NOT NULL,
-                 available INTEGER NOT NULL CHECK (available >= 0),
-                 reserved INTEGER NOT NULL CHECK (reserved >= 0),
-                 sold INTEGER NOT NULL CHECK (sold >= 0),
-                 PRIMARY KEY (product_id, size)) STRICT, WITHOUT ROWID;"
-        ))
-        .unwrap();
-        for p in 1..=PRODUCTS {
-            conn.execute(
-                "INSERT INTO stock VALUES (?1, '', 1000000000000, 0, 0)",
-                [p],
-            )
-            .unwrap();
-        }
+        floor::create(&conn, sync, PRODUCTS, 1_000_000_000_000).unwrap();
         let mut ids = Ids(7);
         group.bench_function(format!("reserve_random_row/{name}"), |b| {
-            b.iter(|| {
-                conn.prepare_cached("BEGIN IMMEDIATE")
-                    .unwrap()
-                    .execute([])
-                    .unwrap();
-                let n = conn
-                    .prepare_cached(
-                        "UPDATE stock SET available = available - 1, reserved = reserved + 1 \
-                         WHERE product_id = ?1 AND size = '' AND available >= 1",
-                    )
-                    .unwrap()
-                    .execute([ids.next()])
-                    .unwrap();
-                conn.prepare_cached("COMMIT").unwrap().execute([]).unwrap();
-                assert_eq!(n, 1);
-            })
+            b.iter(|| assert_eq!(floor::reserve(&conn, ids.next()).unwrap(), 1))
         });
     }
     group.finish();

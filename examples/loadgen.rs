@@ -24,13 +24,16 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, params};
+use rusqlite::Connection;
 use stockroom::{
     Durability, MAX_STOCK, NewProduct, ProductId, SqliteConfig, SqliteStore, StockService,
     StockStore,
 };
 #[cfg(feature = "postgres")]
 use stockroom::{PostgresConfig, PostgresStore};
+
+#[path = "support/floor.rs"]
+mod floor;
 
 #[derive(Debug, Clone)]
 struct Args {
@@ -270,25 +273,12 @@ fn floor(args: &Args, threads: usize, dir: &Path) -> Result<Run, Box<dyn Error>>
         Durability::Normal => "NORMAL",
         _ => "FULL",
     };
-    {
-        let conn = Connection::open(&path)?;
-        conn.execute_batch(&format!(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync};
-             CREATE TABLE stock (product_id INTEGER NOT NULL, size TEXT NOT NULL,
-                 available INTEGER NOT NULL CHECK (available >= 0),
-                 reserved INTEGER NOT NULL CHECK (reserved >= 0),
-                 sold INTEGER NOT NULL CHECK (sold >= 0),
-                 PRIMARY KEY (product_id, size)) STRICT, WITHOUT ROWID;"
-        ))?;
-        let tx = conn.unchecked_transaction()?;
-        for p in 1..=args.products {
-            tx.execute(
-                "INSERT INTO stock VALUES (?1, '', ?2, 0, 0)",
-                params![p, stock_units(args) as i64],
-            )?;
-        }
-        tx.commit()?;
-    }
+    floor::create(
+        &Connection::open(&path)?,
+        sync,
+        args.products,
+        stock_units(args) as i64,
+    )?;
     let open = |_: usize| {
         let conn = Connection::open(&path).expect("open floor file");
         conn.busy_timeout(Duration::from_secs(30))
@@ -297,27 +287,19 @@ fn floor(args: &Args, threads: usize, dir: &Path) -> Result<Run, Box<dyn Error>>
             .expect("pragma");
         conn
     };
-    Ok(drive(args, threads, open, |conn, product| {
-        let run = || -> rusqlite::Result<usize> {
-            conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
-            let n = conn
-                .prepare_cached(
-                    "UPDATE stock SET available = available - 1, reserved = reserved + 1 \
-                     WHERE product_id = ?1 AND size = '' AND available >= 1",
-                )?
-                .execute([product])?;
-            conn.prepare_cached("COMMIT")?.execute([])?;
-            Ok(n)
-        };
-        match run() {
+    Ok(drive(
+        args,
+        threads,
+        open,
+        |conn, product| match floor::reserve(conn, product) {
             Ok(1) => Ok(()),
             Ok(_) => Err("SHORT".into()),
             Err(e) => {
                 let _ = conn.execute_batch("ROLLBACK");
                 Err(format!("sqlite: {e}"))
             }
-        }
-    }))
+        },
+    ))
 }
 
 /// The library's store, and the SQLite store again when it is one (for its writer stats).

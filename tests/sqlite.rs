@@ -16,6 +16,19 @@ fn service(store: SqliteStore) -> StockService {
     StockService::new(Arc::new(store))
 }
 
+/// `threads` threads each reserving one mug `each` times, every reservation accepted.
+fn reserve_one_at_a_time(stock: &StockService, threads: usize, each: usize) {
+    thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                for _ in 0..each {
+                    stock.reserve_stock(MUG, 1, None).unwrap();
+                }
+            });
+        }
+    });
+}
+
 fn levels(stock: &StockService) -> (u64, u64, u64) {
     let i = stock.get_stock_info(MUG, None).unwrap();
     (i.available_quantity, i.reserved_quantity, i.sold_quantity)
@@ -482,19 +495,7 @@ fn a_crowd_of_repeat_writers_never_runs_a_group_twice() {
     stock
         .create_product(NewProduct::plain(MUG, "Mug", 1_000_000))
         .unwrap();
-    let handles: Vec<_> = (0..16)
-        .map(|_| {
-            let stock = stock.clone();
-            thread::spawn(move || {
-                for _ in 0..1_500 {
-                    stock.reserve_stock(MUG, 1, None).unwrap();
-                }
-            })
-        })
-        .collect();
-    for h in handles {
-        h.join().unwrap();
-    }
+    reserve_one_at_a_time(&stock, 16, 1_500);
     assert_eq!(levels(&stock), (976_000, 24_000, 0));
     assert_eq!(store.writer_stats().units, 24_001);
 }
@@ -513,19 +514,7 @@ fn under_a_stream_of_writes_the_wal_stays_bounded() {
     stock
         .create_product(NewProduct::plain(MUG, "Mug", 1_000_000))
         .unwrap();
-    let handles: Vec<_> = (0..4)
-        .map(|_| {
-            let stock = stock.clone();
-            thread::spawn(move || {
-                for _ in 0..15_000 {
-                    stock.reserve_stock(MUG, 1, None).unwrap();
-                }
-            })
-        })
-        .collect();
-    for h in handles {
-        h.join().unwrap();
-    }
+    reserve_one_at_a_time(&stock, 4, 15_000);
     let wal = std::fs::metadata(dir.path().join("stream.db-wal"))
         .unwrap()
         .len();
