@@ -61,7 +61,7 @@ fn a_new_file_is_migrated_to_the_latest_schema_in_wal_mode() {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 4);
+    assert_eq!(version, 5);
     let mode: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .unwrap();
@@ -97,7 +97,7 @@ fn a_database_from_a_newer_version_is_refused() {
         .execute_batch("PRAGMA user_version = 99")
         .unwrap();
     match SqliteStore::open(&path) {
-        Err(Error::SchemaTooNew { found, supported }) => assert_eq!((found, supported), (99, 4)),
+        Err(Error::SchemaTooNew { found, supported }) => assert_eq!((found, supported), (99, 5)),
         other => panic!("expected SCHEMA_TOO_NEW, got {other:?}"),
     }
 }
@@ -362,7 +362,7 @@ fn an_older_database_is_migrated_step_by_step_keeping_its_data() {
         .unwrap()
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 4);
+    assert_eq!(version, 5);
     assert_eq!(levels(&stock), (10, 0, 0));
     // The ledger starts from an opening balance, so it adds up from the first day.
     let opening = stock
@@ -650,7 +650,7 @@ fn the_ledger_rebuilt_by_version_4_keeps_its_rows_and_its_rules() {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 4);
+    assert_eq!(version, 5);
     let bad_kind = conn
         .execute(
             "INSERT INTO stock_movements (at, product_id, size, kind, available_delta, \
@@ -696,4 +696,145 @@ fn a_failed_wal_sync_fails_the_write_and_refuses_later_ones() {
         assert!(later.to_string().contains("reopen the store"), "{later}");
     }
     assert_eq!(store.writer_stats().units, 1, "later writes never ran");
+}
+
+/// What SQLite runs for `sql`, one opcode per step (EXPLAIN).
+fn opcodes(conn: &Connection, sql: &str) -> Vec<String> {
+    conn.prepare(&format!("EXPLAIN {sql}"))
+        .unwrap()
+        .query_map([], |r| r.get::<_, String>(1))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// Version 5 turns the status checks of payments, orders and cart holds from `IN`
+/// lists, which SQLite evaluates by filling a temporary b-tree for every row written,
+/// into comparisons. It edits the definitions in place: rows, rules and the service's
+/// work on them stay as they were.
+#[test]
+fn version_5_rewrites_the_status_checks_in_place() {
+    use stockroom::{
+        CheckoutRequest, OrderConfig, OrderLine, OrderService, OrderStatus, StockLine,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stock.db");
+    let now = chrono::Utc::now();
+    let checkout = {
+        let store: Arc<dyn StockStore> = Arc::new(SqliteStore::open(&path).unwrap());
+        let stock = StockService::new(store.clone());
+        stock
+            .create_product(NewProduct::plain(MUG, "Mug", 10))
+            .unwrap();
+        stock
+            .hold_cart("paying", &[StockLine::new(MUG, None, 2)], now)
+            .unwrap();
+        stock
+            .hold_cart("browsing", &[StockLine::new(MUG, None, 1)], now)
+            .unwrap();
+        OrderService::new(store, OrderConfig::default())
+            .checkout(
+                CheckoutRequest::new(vec![OrderLine::new(MUG, None, 2, 500)]).cart("paying"),
+                now,
+            )
+            .unwrap()
+    };
+    // Put back the definitions version 4 had.
+    let old_checks = [
+        (
+            "payments",
+            "status = 'pending' OR status = 'completed' OR status = 'expired' OR status = 'cancelled'",
+            "status IN ('pending', 'completed', 'expired', 'cancelled')",
+        ),
+        (
+            "orders",
+            "status = 'under_paying' OR status = 'pending' OR status = 'cancelled'",
+            "status IN ('under_paying', 'pending', 'cancelled')",
+        ),
+        (
+            "orders",
+            "payment_status = 'pending' OR payment_status = 'completed' OR payment_status = 'expired' OR payment_status = 'cancelled'",
+            "payment_status IN ('pending', 'completed', 'expired', 'cancelled')",
+        ),
+        (
+            "cart_holds",
+            "status = 'active' OR status = 'released' OR status = 'expired' OR status = 'converted'",
+            "status IN ('active', 'released', 'expired', 'converted')",
+        ),
+    ];
+    let conn = Connection::open(&path).unwrap();
+    conn.execute_batch("PRAGMA writable_schema = ON").unwrap();
+    for (table, new, old) in old_checks {
+        let changed = conn
+            .execute(
+                "UPDATE sqlite_schema SET sql = replace(sql, ?2, ?3) \
+                 WHERE name = ?1 AND instr(sql, ?2) > 0",
+                [table, new, old],
+            )
+            .unwrap();
+        assert_eq!(changed, 1, "{table}: {new}");
+    }
+    conn.execute_batch("PRAGMA writable_schema = OFF; PRAGMA user_version = 4")
+        .unwrap();
+    drop(conn);
+    let updates = [
+        "UPDATE payments SET status = 'expired' WHERE hash = 'h'",
+        "UPDATE orders SET status = 'cancelled', payment_status = 'expired' WHERE id = 1",
+        "UPDATE cart_holds SET status = 'expired' WHERE id = 1",
+    ];
+    let conn = Connection::open(&path).unwrap();
+    for sql in updates {
+        assert!(
+            opcodes(&conn, sql).iter().any(|op| op == "OpenEphemeral"),
+            "{sql}"
+        );
+    }
+    drop(conn);
+
+    let store: Arc<dyn StockStore> = Arc::new(SqliteStore::open(&path).unwrap());
+    let conn = Connection::open(&path).unwrap();
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 5);
+    for sql in updates {
+        assert!(
+            !opcodes(&conn, sql).iter().any(|op| op == "OpenEphemeral"),
+            "{sql}"
+        );
+    }
+    let with_in_lists: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_schema \
+             WHERE name IN ('payments', 'orders', 'cart_holds') AND instr(sql, ' IN (') > 0",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(with_in_lists, 0);
+    // The rules hold.
+    for sql in [
+        "UPDATE payments SET status = 'lost'",
+        "UPDATE orders SET status = 'shipped'",
+        "UPDATE orders SET payment_status = 'refunded'",
+        "UPDATE cart_holds SET status = 'abandoned'",
+    ] {
+        let err = conn.execute(sql, []).unwrap_err();
+        assert!(
+            err.to_string().contains("CHECK constraint failed"),
+            "{sql}: {err}"
+        );
+    }
+    // The rows are there, and the services go on with them.
+    let stock = StockService::new(store.clone());
+    assert_eq!(stock.get_cart("browsing").unwrap().len(), 1);
+    assert_eq!(levels(&stock), (7, 3, 0));
+    let orders = OrderService::new(store, OrderConfig::default());
+    let paid = orders
+        .confirm_payment_for_orders(&checkout.payment_hash, &checkout.payment_key, now)
+        .unwrap();
+    assert_eq!(paid.len(), 1);
+    assert_eq!(paid[0].status, OrderStatus::Pending);
+    assert_eq!(levels(&stock), (7, 1, 2));
+    assert!(stock.verify_ledger().unwrap().is_consistent());
 }

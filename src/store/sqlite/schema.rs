@@ -8,7 +8,8 @@ use crate::error::{Error, Result};
 
 use super::sql_err;
 
-/// Migration `i` (from 0) brings the schema from version `i` to version `i + 1`.
+/// Migration `i` (from 0) brings the schema from version `i` to version `i + 1`: the SQL
+/// migrations, then [`STATUS_CHECKS`].
 const MIGRATIONS: &[&str] = &[
     // 1: products, stock rows, payments and orders.
     "
@@ -180,8 +181,39 @@ const MIGRATIONS: &[&str] = &[
     ",
 ];
 
+/// 5: the status checks of payments, orders and cart holds as chains of comparisons.
+/// Like the ledger's kind (version 4), SQLite evaluated each `status IN (3 or 4 names)`
+/// by building a temporary b-tree of the names for every row written, which cost more
+/// than writing the row: a cleanup of 10,000 expired orders spent a fifth of its time
+/// there. The rules are the same, so no row can break the new ones, and the file's
+/// content does not change: the tables' definitions are edited in place in
+/// `sqlite_schema`, the procedure SQLite documents for changing a CHECK constraint
+/// ("Making Other Kinds Of Table Schema Changes"), instead of copying every order.
+const STATUS_CHECKS: &[(&str, &str, &[&str])] = &[
+    (
+        "payments",
+        "status",
+        &["pending", "completed", "expired", "cancelled"],
+    ),
+    (
+        "orders",
+        "status",
+        &["under_paying", "pending", "cancelled"],
+    ),
+    (
+        "orders",
+        "payment_status",
+        &["pending", "completed", "expired", "cancelled"],
+    ),
+    (
+        "cart_holds",
+        "status",
+        &["active", "released", "expired", "converted"],
+    ),
+];
+
 /// The schema version this code writes.
-pub(crate) const LATEST: i64 = MIGRATIONS.len() as i64;
+pub(crate) const LATEST: i64 = MIGRATIONS.len() as i64 + 1;
 
 /// Brings the database to [`LATEST`], in one `IMMEDIATE` transaction, so that two
 /// processes opening a new file at once do not both migrate it. Refuses a database newer
@@ -210,10 +242,70 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {
         tx.execute_batch(sql).map_err(sql_err)?;
     }
     if found < LATEST {
+        log::debug!("sqlite: applying migration {LATEST}");
+        rewrite_status_checks(&tx)?;
+    }
+    if found < LATEST {
         // PRAGMA takes no parameters; LATEST is a constant of this crate.
         tx.execute_batch(&format!("PRAGMA user_version = {LATEST}"))
             .map_err(sql_err)?;
         log::info!("sqlite: schema migrated from version {found} to {LATEST}");
     }
     tx.commit().map_err(sql_err)
+}
+
+/// `CHECK (status IN ('a', 'b'))` in a table's definition becomes
+/// `CHECK (status = 'a' OR status = 'b')`, for every entry of [`STATUS_CHECKS`], inside
+/// the caller's transaction. A table that already has the new check is left as it is;
+/// one that has neither refuses the migration (and so rolls it back).
+fn rewrite_status_checks(conn: &Connection) -> Result<()> {
+    let version: i64 = conn
+        .query_row("PRAGMA schema_version", [], |r| r.get(0))
+        .map_err(sql_err)?;
+    conn.execute_batch("PRAGMA writable_schema = ON")
+        .map_err(sql_err)?;
+    let rewritten = STATUS_CHECKS.iter().try_for_each(|(table, column, names)| {
+        let quoted: Vec<String> = names.iter().map(|n| format!("'{n}'")).collect();
+        let from = format!("CHECK ({column} IN ({}))", quoted.join(", "));
+        let compared: Vec<String> = quoted.iter().map(|n| format!("{column} = {n}")).collect();
+        let to = format!("CHECK ({})", compared.join(" OR "));
+        let changed = conn
+            .execute(
+                "UPDATE sqlite_schema SET sql = replace(sql, ?2, ?3) \
+                 WHERE type = 'table' AND name = ?1 AND instr(sql, ?2) > 0",
+                rusqlite::params![table, from, to],
+            )
+            .map_err(sql_err)?;
+        let has_new: bool = conn
+            .query_row(
+                "SELECT count(*) = 1 FROM sqlite_schema \
+                 WHERE type = 'table' AND name = ?1 AND instr(sql, ?2) > 0",
+                rusqlite::params![table, to],
+                |r| r.get(0),
+            )
+            .map_err(sql_err)?;
+        if changed <= 1 && has_new {
+            Ok(())
+        } else {
+            Err(Error::storage(
+                "sqlite",
+                format!("table {table} does not have the check `{from}` this migration rewrites"),
+            ))
+        }
+    });
+    // Whatever happened, schema editing goes off again before the transaction ends.
+    let off = conn
+        .execute_batch(&format!(
+            "PRAGMA schema_version = {}; PRAGMA writable_schema = OFF",
+            version + 1
+        ))
+        .map_err(sql_err);
+    rewritten?;
+    off?;
+    // The edited definitions must parse: read each table once through the new schema.
+    for (table, _, _) in STATUS_CHECKS {
+        conn.prepare(&format!("SELECT * FROM {table} LIMIT 0"))
+            .map_err(sql_err)?;
+    }
+    Ok(())
 }
