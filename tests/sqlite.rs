@@ -528,8 +528,25 @@ fn under_a_stream_of_writes_the_wal_stays_bounded() {
 /// neighbours nothing.
 #[test]
 fn units_failing_after_a_write_are_undone_alone_in_shared_commits() {
+    failing_units_in_shared_commits(Durability::Full);
+}
+
+/// The same under NORMAL, where a leader also takes in units that queue while it yields
+/// before committing.
+#[test]
+fn units_failing_after_a_write_are_undone_alone_under_normal_durability() {
+    failing_units_in_shared_commits(Durability::Normal);
+}
+
+fn failing_units_in_shared_commits(durability: Durability) {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(dir.path().join("undo.db")).unwrap());
+    let store = Arc::new(
+        SqliteStore::open_with(
+            dir.path().join("undo.db"),
+            SqliteConfig::default().with_durability(durability),
+        )
+        .unwrap(),
+    );
     let stock = StockService::new(store.clone());
     stock
         .create_product(NewProduct::plain(MUG, "Mug", 0))

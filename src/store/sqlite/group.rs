@@ -20,7 +20,7 @@
 
 use std::collections::VecDeque;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, Thread};
 
@@ -56,6 +56,10 @@ const RESTART_EVERY_SYNCED: u64 = 2_000;
 /// could not complete.
 const RESTART_RETRY: u64 = 50;
 
+/// The most times a leader lets other threads run before it commits, to take in their
+/// units (see [`GroupWriter::gather`]).
+const GATHER_ROUNDS: usize = 8;
+
 /// What a unit's caller gets back: its result, or the panic it raised.
 type Outcome = std::thread::Result<Result<()>>;
 
@@ -84,6 +88,8 @@ pub(crate) struct GroupWriter {
     largest: AtomicU64,
     /// Commits since the writer's last complete checkpoint.
     since_restart: AtomicU64,
+    /// Units in the last transaction.
+    last_group: AtomicUsize,
 }
 
 /// What the writer of a [`SqliteStore`](super::SqliteStore) has done since it opened: see
@@ -118,6 +124,7 @@ impl GroupWriter {
             transactions: AtomicU64::new(0),
             largest: AtomicU64::new(0),
             since_restart: AtomicU64::new(0),
+            last_group: AtomicUsize::new(0),
         }
     }
 
@@ -246,7 +253,11 @@ impl GroupWriter {
             }
             ran = batch.run(&conn);
         }
+        if self.sync.is_none() && ran.is_ok() {
+            ran = self.gather(&conn, &mut jobs, &mut batch);
+        }
         let n = jobs.len();
+        self.last_group.store(n, Ordering::Relaxed);
         if let Err(e) = ran {
             let _ = exec(&conn, "ROLLBACK");
             return (jobs, failed(e, n), None);
@@ -296,6 +307,41 @@ impl GroupWriter {
             }
         }
         (jobs, outcomes, ticket)
+    }
+
+    /// Under [`Durability::Normal`](super::Durability::Normal) there is no sync to wait
+    /// for, and a commit costs about as much as the units it carries. A leader that
+    /// commits at once commits for the one or two callers who had queued, while the
+    /// callers it has just answered are still waking up to queue their next units. So
+    /// when the writer is shared (this group or the last one had more than one unit), the
+    /// leader yields the processor before it commits and takes in the units queued
+    /// meanwhile, until a round brings none, at most [`GATHER_ROUNDS`] times. A lone
+    /// caller never yields.
+    fn gather(
+        &self,
+        conn: &Connection,
+        jobs: &mut Vec<Arc<Mutex<Job>>>,
+        batch: &mut Batch,
+    ) -> Result<()> {
+        if jobs.len() < 2 && self.last_group.load(Ordering::Relaxed) < 2 {
+            return Ok(());
+        }
+        for _ in 0..GATHER_ROUNDS {
+            if jobs.len() >= MAX_GROUP {
+                break;
+            }
+            thread::yield_now();
+            let more = claim(&lock(&self.queue), jobs.len());
+            if more.is_empty() {
+                break;
+            }
+            for (j, unit) in more {
+                jobs.push(j);
+                batch.units.push(unit);
+            }
+            batch.run(conn)?;
+        }
+        Ok(())
     }
 }
 
