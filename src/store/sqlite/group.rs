@@ -16,7 +16,10 @@
 //!
 //! Under [`Durability::Full`](super::Durability::Full) the leader syncs the WAL after it
 //! has handed the writer to the next leader (see [`WalSync`]): the next group's
-//! transaction runs during the sync.
+//! transaction runs during the sync, and takes in the callers who queue until the sync
+//! ends. Under [`Durability::Normal`](super::Durability::Normal) a leader of a shared
+//! writer yields the processor a few times before it commits instead (see
+//! [`GroupWriter::gather`]).
 
 use std::collections::VecDeque;
 use std::panic::{self, AssertUnwindSafe};
@@ -246,12 +249,7 @@ impl GroupWriter {
             // A sync was running: committing before it ends would only queue another
             // sync behind it. The callers who queued meanwhile join this transaction,
             // and the next sync makes them all durable at once.
-            let more = claim(&lock(&self.queue), jobs.len());
-            for (j, unit) in more {
-                jobs.push(j);
-                batch.units.push(unit);
-            }
-            ran = batch.run(&conn);
+            ran = self.take_in(&conn, &mut jobs, &mut batch).map(drop);
         }
         if self.sync.is_none() && ran.is_ok() {
             ran = self.gather(&conn, &mut jobs, &mut batch);
@@ -331,17 +329,31 @@ impl GroupWriter {
                 break;
             }
             thread::yield_now();
-            let more = claim(&lock(&self.queue), jobs.len());
-            if more.is_empty() {
+            if !self.take_in(conn, jobs, batch)? {
                 break;
             }
-            for (j, unit) in more {
-                jobs.push(j);
-                batch.units.push(unit);
-            }
-            batch.run(conn)?;
         }
         Ok(())
+    }
+
+    /// Takes the units queued behind the group into its open transaction and runs them;
+    /// whether there were any.
+    fn take_in(
+        &self,
+        conn: &Connection,
+        jobs: &mut Vec<Arc<Mutex<Job>>>,
+        batch: &mut Batch,
+    ) -> Result<bool> {
+        let more = claim(&lock(&self.queue), jobs.len());
+        if more.is_empty() {
+            return Ok(false);
+        }
+        for (j, unit) in more {
+            jobs.push(j);
+            batch.units.push(unit);
+        }
+        batch.run(conn)?;
+        Ok(true)
     }
 }
 

@@ -59,7 +59,9 @@ pub enum Durability {
     Full,
     /// `PRAGMA synchronous = NORMAL`: commits survive a crash of the application, but
     /// the last ones before an OS crash or power cut may roll back (the WAL is synced at
-    /// checkpoints, not at each commit). Several times faster per commit.
+    /// checkpoints, not at each commit). Several times faster per commit. When several
+    /// threads write, the one committing for them yields the processor a few times
+    /// before `COMMIT` while that brings more of their writes into the same transaction.
     Normal,
 }
 
