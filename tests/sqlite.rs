@@ -855,3 +855,68 @@ fn version_5_rewrites_the_status_checks_in_place() {
     assert_eq!(levels(&stock), (7, 1, 2));
     assert!(stock.verify_ledger().unwrap().is_consistent());
 }
+
+/// A version-4 file whose cart holds table does not carry the check version 5 rewrites
+/// (edited by hand, say) is refused, and left at version 4 with every definition as it
+/// was, the tables rewritten before the refusal included.
+#[test]
+fn version_5_refuses_a_table_it_does_not_recognise_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stock.db");
+    drop(SqliteStore::open(&path).unwrap());
+    let conn = Connection::open(&path).unwrap();
+    conn.execute_batch("PRAGMA writable_schema = ON").unwrap();
+    for (table, new, old) in [
+        (
+            "payments",
+            "status = 'pending' OR status = 'completed' OR status = 'expired' OR status = 'cancelled'",
+            "status IN ('pending', 'completed', 'expired', 'cancelled')",
+        ),
+        (
+            "orders",
+            "status = 'under_paying' OR status = 'pending' OR status = 'cancelled'",
+            "status IN ('under_paying', 'pending', 'cancelled')",
+        ),
+        (
+            "cart_holds",
+            "status = 'active' OR status = 'released' OR status = 'expired' OR status = 'converted'",
+            "status IN ('active', 'released', 'expired', 'converted', 'saved')",
+        ),
+    ] {
+        let changed = conn
+            .execute(
+                "UPDATE sqlite_schema SET sql = replace(sql, ?2, ?3) WHERE name = ?1",
+                [table, new, old],
+            )
+            .unwrap();
+        assert_eq!(changed, 1, "{table}");
+    }
+    conn.execute_batch("PRAGMA writable_schema = OFF; PRAGMA user_version = 4")
+        .unwrap();
+    let definitions = |conn: &Connection| -> Vec<String> {
+        conn.prepare("SELECT sql FROM sqlite_schema WHERE type = 'table' ORDER BY name")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    let before = definitions(&conn);
+    drop(conn);
+
+    let err = SqliteStore::open(&path).expect_err("version 5 refuses the file");
+    assert_eq!(err.code(), "STORAGE");
+    assert!(err.to_string().contains("table cart_holds"), "{err}");
+
+    let conn = Connection::open(&path).unwrap();
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 4);
+    assert_eq!(definitions(&conn), before);
+    assert!(
+        before
+            .iter()
+            .any(|sql| sql.contains("status IN ('under_paying'"))
+    );
+}
