@@ -502,9 +502,9 @@ fn a_crowd_of_repeat_writers_never_runs_a_group_twice() {
 
 /// Under a stream of writes with no pause, the WAL is still started over regularly: a
 /// checkpoint running beside the writes never catches up by itself, so the leader
-/// checkpoints between two transactions every 10,000 commits (under NORMAL). Without
-/// that, these 60,000 reservations leave about 125 MiB of WAL (24,000 left 50 MiB); with
-/// it, the WAL holds at most 10,000 commits' frames, about 37 MiB.
+/// checkpoints between two transactions once the WAL holds 32 MiB of frames (under
+/// NORMAL). Without that, these 60,000 reservations leave about 125 MiB of WAL (24,000
+/// left 50 MiB); with it, the WAL stays a little above 32 MiB.
 #[test]
 fn under_a_stream_of_writes_the_wal_stays_bounded() {
     let dir = tempfile::tempdir().unwrap();

@@ -21,13 +21,16 @@
 //! writer yields the processor a few times before it commits instead (see
 //! [`GroupWriter::gather`]).
 
+use std::cell::Cell;
 use std::collections::VecDeque;
+use std::ffi::c_int;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, Thread};
 
 use rusqlite::Connection;
+use rusqlite::hooks::Wal;
 
 use crate::error::{Error, Result};
 use crate::store::WriteUnit;
@@ -43,17 +46,26 @@ const MAX_GROUP: usize = 512;
 /// sync of their own).
 const LEAD_ROUNDS: usize = 4;
 
-/// With the background checkpointer, every this many transactions the leader checkpoints
-/// too, between two transactions: the background thread has copied most frames already,
-/// so this short checkpoint catches up completely and the next write starts the WAL over.
-/// A checkpoint that runs beside a stream of writes never catches up by itself, and the
-/// WAL would grow without bound. Under [`Durability::Normal`](super::Durability::Normal)
-/// each such pause stops every writer (loadgen, 8 threads: 2,000 gave 22,851
-/// reservations/s and a p99.9 of 40 ms, 10,000 gave 32,184/s and 6.9 ms); under
-/// [`Durability::Full`](super::Durability::Full) a WAL that grows further makes each sync
-/// slower (10,000 measured 20% fewer reservations/s than 2,000), so it starts over sooner.
-const RESTART_EVERY: u64 = 10_000;
-const RESTART_EVERY_SYNCED: u64 = 2_000;
+/// With the background checkpointer, once the WAL holds this many bytes of frames the
+/// leader checkpoints too, between two transactions: the background thread has copied
+/// most frames already, so this short checkpoint catches up completely and the next write
+/// starts the WAL over. A checkpoint that runs beside a stream of writes never catches up
+/// by itself, and the WAL would grow without bound. The bound is the WAL's size, as the
+/// WAL hook reports it after each commit, not a number of commits: a commit carries from
+/// one unit to hundreds, and from one page to thousands. (8 threads reserving over 1,000
+/// products under NORMAL: about 6 units and 13 pages a commit, and a restart every
+/// 10,000 commits let the WAL reach 166 MiB, past the 64 MiB at which SQLite cuts it back
+/// when it starts over; with 32 MiB it peaked at 42 MiB, at the same throughput.) Under
+/// [`Durability::Normal`](super::Durability::Normal) each such pause stops every writer,
+/// so it comes rarely; under [`Durability::Full`](super::Durability::Full) every sync of a
+/// WAL that is still growing also writes the file's new size, and a new WAL grows until
+/// its first restart, so it starts over sooner (16 MiB measured within noise of the
+/// former 2,000 commits, which let the same load reach 25 MiB).
+const RESTART_BYTES: i64 = 32 << 20;
+const RESTART_BYTES_SYNCED: i64 = 16 << 20;
+
+/// Bytes a WAL frame adds to a page: its header.
+const FRAME_HEADER: i64 = 24;
 
 /// How many commits the writer waits before it tries again a catch-up checkpoint that
 /// could not complete.
@@ -62,6 +74,20 @@ const RESTART_RETRY: u64 = 50;
 /// The most times a leader lets other threads run before it commits, to take in their
 /// units (see [`GroupWriter::gather`]).
 const GATHER_ROUNDS: usize = 8;
+
+thread_local! {
+    /// The frames in the WAL after the last commit this thread ran on a writer, as
+    /// SQLite's WAL hook reports them while `COMMIT` runs (see [`record_wal_frames`]);
+    /// -1 before a `COMMIT` that writes no frame.
+    static WAL_FRAMES: Cell<i64> = const { Cell::new(-1) };
+}
+
+/// The writer's WAL hook. SQLite calls it inside `COMMIT`, on the committing thread,
+/// with the number of frames now in the WAL; the leader reads it right after.
+pub(crate) fn record_wal_frames(_: &Wal, frames: c_int) -> rusqlite::Result<()> {
+    WAL_FRAMES.set(i64::from(frames));
+    Ok(())
+}
 
 /// What a unit's caller gets back: its result, or the panic it raised.
 type Outcome = std::thread::Result<Result<()>>;
@@ -89,8 +115,10 @@ pub(crate) struct GroupWriter {
     units: AtomicU64,
     transactions: AtomicU64,
     largest: AtomicU64,
-    /// Commits since the writer's last complete checkpoint.
-    since_restart: AtomicU64,
+    /// Frames in the WAL at which the writer checkpoints to start it over.
+    restart_frames: i64,
+    /// Commits since a restart became due.
+    since_due: AtomicU64,
     /// Units in the last transaction.
     last_group: AtomicUsize,
 }
@@ -113,11 +141,18 @@ pub struct WriterStats {
 }
 
 impl GroupWriter {
+    /// A writer on `conn`, whose database has pages of `page_size` bytes.
     pub(crate) fn new(
         conn: Connection,
+        page_size: i64,
         sync: Option<Arc<WalSync>>,
         checkpointer: Option<Checkpointer>,
     ) -> Self {
+        let restart_bytes = if sync.is_some() {
+            RESTART_BYTES_SYNCED
+        } else {
+            RESTART_BYTES
+        };
         GroupWriter {
             queue: Mutex::new(VecDeque::new()),
             conn: Mutex::new(conn),
@@ -126,7 +161,8 @@ impl GroupWriter {
             units: AtomicU64::new(0),
             transactions: AtomicU64::new(0),
             largest: AtomicU64::new(0),
-            since_restart: AtomicU64::new(0),
+            restart_frames: restart_bytes / (page_size.max(512) + FRAME_HEADER),
+            since_due: AtomicU64::new(0),
             last_group: AtomicUsize::new(0),
         }
     }
@@ -263,6 +299,8 @@ impl GroupWriter {
         let Batch {
             outcomes, wrote, ..
         } = batch;
+        // The WAL hook sets it again if this commit writes frames.
+        WAL_FRAMES.set(-1);
         if let Err(e) = exec(&conn, "COMMIT") {
             let _ = exec(&conn, "ROLLBACK");
             // Nothing of the group is kept: the units that had succeeded fail with the
@@ -287,21 +325,15 @@ impl GroupWriter {
         });
         if let Some(c) = &self.checkpointer {
             c.committed();
-            let every = if self.sync.is_some() {
-                RESTART_EVERY_SYNCED
-            } else {
-                RESTART_EVERY
-            };
             // Once due, the checkpoint is tried again every RESTART_RETRY commits until
             // it completes: one that found the background checkpointer at work (busy)
             // would otherwise wait a whole round and let the WAL grow twice as long
             // (the WAL-bound test caught that one run in three).
-            let since = self.since_restart.fetch_add(1, Ordering::Relaxed) + 1;
-            if since >= every
-                && (since - every) % RESTART_RETRY == 0
-                && checkpoint(&conn, self.sync.as_deref(), "writer")
-            {
-                self.since_restart.store(0, Ordering::Relaxed);
+            if WAL_FRAMES.get() >= self.restart_frames {
+                let since = self.since_due.fetch_add(1, Ordering::Relaxed);
+                if since % RESTART_RETRY == 0 && checkpoint(&conn, self.sync.as_deref(), "writer") {
+                    self.since_due.store(0, Ordering::Relaxed);
+                }
             }
         }
         (jobs, outcomes, ticket)

@@ -332,6 +332,7 @@ impl SqliteStore {
                 writer
                     .execute_batch("PRAGMA wal_autocheckpoint = 0")
                     .map_err(sql_err)?;
+                writer.wal_hook(Some(group::record_wal_frames));
                 Some(
                     checkpoint::Checkpointer::start(
                         path,
@@ -344,9 +345,12 @@ impl SqliteStore {
             }
             _ => None,
         };
+        let page_size: i64 = writer
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .map_err(sql_err)?;
         log::debug!("sqlite: opened {target} ({config:?})");
         Ok(SqliteStore {
-            writer: group::GroupWriter::new(writer, wal_sync, checkpointer),
+            writer: group::GroupWriter::new(writer, page_size, wal_sync, checkpointer),
             readers,
             location,
             config,
