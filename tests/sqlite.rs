@@ -29,6 +29,19 @@ fn reserve_one_at_a_time(stock: &StockService, threads: usize, each: usize) {
     });
 }
 
+/// A store on the file `name` in `dir`, under `Durability::Normal`.
+fn normal_store(dir: &std::path::Path, name: &str) -> Arc<SqliteStore> {
+    let normal = SqliteConfig::default().with_durability(Durability::Normal);
+    Arc::new(SqliteStore::open_with(dir.join(name), normal).unwrap())
+}
+
+/// The size of the WAL of the file `name` in `dir`.
+fn wal_bytes(dir: &std::path::Path, name: &str) -> u64 {
+    std::fs::metadata(dir.join(format!("{name}-wal")))
+        .unwrap()
+        .len()
+}
+
 fn levels(stock: &StockService) -> (u64, u64, u64) {
     let i = stock.get_stock_info(MUG, None).unwrap();
     (i.available_quantity, i.reserved_quantity, i.sold_quantity)
@@ -459,16 +472,14 @@ fn a_panicking_unit_fails_only_its_own_caller() {
 fn under_normal_durability_the_wal_is_checkpointed_off_the_writers_path() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("stock.db");
-    let normal = SqliteConfig::default().with_durability(Durability::Normal);
-    let stock = service(SqliteStore::open_with(&path, normal).unwrap());
+    let stock = StockService::new(normal_store(dir.path(), "stock.db"));
     stock
         .create_product(NewProduct::plain(MUG, "Mug", 5_000))
         .unwrap();
     for _ in 0..2_000 {
         stock.reserve_stock(MUG, 1, None).unwrap();
     }
-    let wal = dir.path().join("stock.db-wal");
-    let grown = std::fs::metadata(&wal).unwrap().len();
+    let grown = wal_bytes(dir.path(), "stock.db");
     assert!(grown > 1_000_000, "2000 commits wrote {grown} bytes of WAL");
     // The checkpointer runs every 250 ms; once it has copied everything, the next
     // commit starts the WAL over from its beginning.
@@ -489,8 +500,7 @@ fn under_normal_durability_the_wal_is_checkpointed_off_the_writers_path() {
 #[test]
 fn a_crowd_of_repeat_writers_never_runs_a_group_twice() {
     let dir = tempfile::tempdir().unwrap();
-    let normal = SqliteConfig::default().with_durability(Durability::Normal);
-    let store = Arc::new(SqliteStore::open_with(dir.path().join("crowd.db"), normal).unwrap());
+    let store = normal_store(dir.path(), "crowd.db");
     let stock = StockService::new(store.clone());
     stock
         .create_product(NewProduct::plain(MUG, "Mug", 1_000_000))
@@ -508,16 +518,12 @@ fn a_crowd_of_repeat_writers_never_runs_a_group_twice() {
 #[test]
 fn under_a_stream_of_writes_the_wal_stays_bounded() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("stream.db");
-    let normal = SqliteConfig::default().with_durability(Durability::Normal);
-    let stock = service(SqliteStore::open_with(&path, normal).unwrap());
+    let stock = StockService::new(normal_store(dir.path(), "stream.db"));
     stock
         .create_product(NewProduct::plain(MUG, "Mug", 1_000_000))
         .unwrap();
     reserve_one_at_a_time(&stock, 4, 25_000);
-    let wal = std::fs::metadata(dir.path().join("stream.db-wal"))
-        .unwrap()
-        .len();
+    let wal = wal_bytes(dir.path(), "stream.db");
     assert!(wal < 64 * 1024 * 1024, "the WAL grew to {wal} bytes");
     assert_eq!(levels(&stock), (900_000, 100_000, 0));
 }
@@ -530,9 +536,7 @@ fn under_a_stream_of_writes_the_wal_stays_bounded() {
 #[test]
 fn a_wal_of_large_commits_is_bounded_by_its_size() {
     let dir = tempfile::tempdir().unwrap();
-    let normal = SqliteConfig::default().with_durability(Durability::Normal);
-    let store = Arc::new(SqliteStore::open_with(dir.path().join("carts.db"), normal).unwrap());
-    let stock = StockService::new(store.clone());
+    let stock = StockService::new(normal_store(dir.path(), "carts.db"));
     for p in 1..=1_000 {
         stock
             .create_product(NewProduct::plain(ProductId(p), "P", 1_000))
@@ -545,9 +549,7 @@ fn a_wal_of_large_commits_is_bounded_by_its_size() {
             .collect();
         stock.reserve_lines(&lines).unwrap();
     }
-    let wal = std::fs::metadata(dir.path().join("carts.db-wal"))
-        .unwrap()
-        .len();
+    let wal = wal_bytes(dir.path(), "carts.db");
     assert!(wal < 64 * 1024 * 1024, "the WAL grew to {wal} bytes");
     let reserved: u64 = (1..=1_000)
         .map(|p| {
@@ -753,6 +755,52 @@ fn a_failed_wal_sync_fails_the_write_and_refuses_later_ones() {
     assert_eq!(store.writer_stats().units, 1, "later writes never ran");
 }
 
+/// The status checks as version 5 writes them, and as version 4 had them: (table, new
+/// text, old text).
+const VERSION_4_CHECKS: [(&str, &str, &str); 4] = [
+    (
+        "payments",
+        "status = 'pending' OR status = 'completed' OR status = 'expired' OR status = 'cancelled'",
+        "status IN ('pending', 'completed', 'expired', 'cancelled')",
+    ),
+    (
+        "orders",
+        "status = 'under_paying' OR status = 'pending' OR status = 'cancelled'",
+        "status IN ('under_paying', 'pending', 'cancelled')",
+    ),
+    (
+        "orders",
+        "payment_status = 'pending' OR payment_status = 'completed' OR payment_status = 'expired' OR payment_status = 'cancelled'",
+        "payment_status IN ('pending', 'completed', 'expired', 'cancelled')",
+    ),
+    (
+        "cart_holds",
+        "status = 'active' OR status = 'released' OR status = 'expired' OR status = 'converted'",
+        "status IN ('active', 'released', 'expired', 'converted')",
+    ),
+];
+
+/// Replaces, in the file at `path`, each table's text `new` by `old` in its definition
+/// (each must be found once), and sets the schema version to `version`.
+fn edit_definitions(path: &std::path::Path, edits: &[(&str, &str, &str)], version: i64) {
+    let conn = Connection::open(path).unwrap();
+    conn.execute_batch("PRAGMA writable_schema = ON").unwrap();
+    for (table, new, old) in edits {
+        let changed = conn
+            .execute(
+                "UPDATE sqlite_schema SET sql = replace(sql, ?2, ?3) \
+                 WHERE name = ?1 AND instr(sql, ?2) > 0",
+                [table, new, old],
+            )
+            .unwrap();
+        assert_eq!(changed, 1, "{table}: {new}");
+    }
+    conn.execute_batch(&format!(
+        "PRAGMA writable_schema = OFF; PRAGMA user_version = {version}"
+    ))
+    .unwrap();
+}
+
 /// What SQLite runs for `sql`, one opcode per step (EXPLAIN).
 fn opcodes(conn: &Connection, sql: &str) -> Vec<String> {
     conn.prepare(&format!("EXPLAIN {sql}"))
@@ -795,43 +843,7 @@ fn version_5_rewrites_the_status_checks_in_place() {
             .unwrap()
     };
     // Put back the definitions version 4 had.
-    let old_checks = [
-        (
-            "payments",
-            "status = 'pending' OR status = 'completed' OR status = 'expired' OR status = 'cancelled'",
-            "status IN ('pending', 'completed', 'expired', 'cancelled')",
-        ),
-        (
-            "orders",
-            "status = 'under_paying' OR status = 'pending' OR status = 'cancelled'",
-            "status IN ('under_paying', 'pending', 'cancelled')",
-        ),
-        (
-            "orders",
-            "payment_status = 'pending' OR payment_status = 'completed' OR payment_status = 'expired' OR payment_status = 'cancelled'",
-            "payment_status IN ('pending', 'completed', 'expired', 'cancelled')",
-        ),
-        (
-            "cart_holds",
-            "status = 'active' OR status = 'released' OR status = 'expired' OR status = 'converted'",
-            "status IN ('active', 'released', 'expired', 'converted')",
-        ),
-    ];
-    let conn = Connection::open(&path).unwrap();
-    conn.execute_batch("PRAGMA writable_schema = ON").unwrap();
-    for (table, new, old) in old_checks {
-        let changed = conn
-            .execute(
-                "UPDATE sqlite_schema SET sql = replace(sql, ?2, ?3) \
-                 WHERE name = ?1 AND instr(sql, ?2) > 0",
-                [table, new, old],
-            )
-            .unwrap();
-        assert_eq!(changed, 1, "{table}: {new}");
-    }
-    conn.execute_batch("PRAGMA writable_schema = OFF; PRAGMA user_version = 4")
-        .unwrap();
-    drop(conn);
+    edit_definitions(&path, &VERSION_4_CHECKS, 4);
     let updates = [
         "UPDATE payments SET status = 'expired' WHERE hash = 'h'",
         "UPDATE orders SET status = 'cancelled', payment_status = 'expired' WHERE id = 1",
@@ -902,35 +914,17 @@ fn version_5_refuses_a_table_it_does_not_recognise_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("stock.db");
     drop(SqliteStore::open(&path).unwrap());
+    let unknown = (
+        "cart_holds",
+        VERSION_4_CHECKS[3].1,
+        "status IN ('active', 'released', 'expired', 'converted', 'saved')",
+    );
+    edit_definitions(
+        &path,
+        &[VERSION_4_CHECKS[0], VERSION_4_CHECKS[1], unknown],
+        4,
+    );
     let conn = Connection::open(&path).unwrap();
-    conn.execute_batch("PRAGMA writable_schema = ON").unwrap();
-    for (table, new, old) in [
-        (
-            "payments",
-            "status = 'pending' OR status = 'completed' OR status = 'expired' OR status = 'cancelled'",
-            "status IN ('pending', 'completed', 'expired', 'cancelled')",
-        ),
-        (
-            "orders",
-            "status = 'under_paying' OR status = 'pending' OR status = 'cancelled'",
-            "status IN ('under_paying', 'pending', 'cancelled')",
-        ),
-        (
-            "cart_holds",
-            "status = 'active' OR status = 'released' OR status = 'expired' OR status = 'converted'",
-            "status IN ('active', 'released', 'expired', 'converted', 'saved')",
-        ),
-    ] {
-        let changed = conn
-            .execute(
-                "UPDATE sqlite_schema SET sql = replace(sql, ?2, ?3) WHERE name = ?1",
-                [table, new, old],
-            )
-            .unwrap();
-        assert_eq!(changed, 1, "{table}");
-    }
-    conn.execute_batch("PRAGMA writable_schema = OFF; PRAGMA user_version = 4")
-        .unwrap();
     let definitions = |conn: &Connection| -> Vec<String> {
         conn.prepare("SELECT sql FROM sqlite_schema WHERE type = 'table' ORDER BY name")
             .unwrap()
