@@ -6,7 +6,7 @@ use rusqlite::Connection;
 
 use crate::error::{Error, Result};
 
-use super::sql_err;
+use super::{BACKEND, sql_err};
 
 /// Migration `i` (from 0) brings the schema from version `i` to version `i + 1`: the SQL
 /// migrations, then [`STATUS_CHECKS`].
@@ -227,7 +227,7 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {
         .map_err(sql_err)?;
     if found < 0 {
         return Err(Error::storage(
-            "sqlite",
+            BACKEND,
             format!("database schema version {found} is not one stockroom writes"),
         ));
     }
@@ -269,13 +269,12 @@ fn rewrite_status_checks(conn: &Connection) -> Result<()> {
         let from = format!("CHECK ({column} IN ({}))", quoted.join(", "));
         let compared: Vec<String> = quoted.iter().map(|n| format!("{column} = {n}")).collect();
         let to = format!("CHECK ({})", compared.join(" OR "));
-        let changed = conn
-            .execute(
-                "UPDATE sqlite_schema SET sql = replace(sql, ?2, ?3) \
-                 WHERE type = 'table' AND name = ?1 AND instr(sql, ?2) > 0",
-                rusqlite::params![table, from, to],
-            )
-            .map_err(sql_err)?;
+        conn.execute(
+            "UPDATE sqlite_schema SET sql = replace(sql, ?2, ?3) \
+             WHERE type = 'table' AND name = ?1 AND instr(sql, ?2) > 0",
+            rusqlite::params![table, from, to],
+        )
+        .map_err(sql_err)?;
         let has_new: bool = conn
             .query_row(
                 "SELECT count(*) = 1 FROM sqlite_schema \
@@ -284,11 +283,11 @@ fn rewrite_status_checks(conn: &Connection) -> Result<()> {
                 |r| r.get(0),
             )
             .map_err(sql_err)?;
-        if changed <= 1 && has_new {
+        if has_new {
             Ok(())
         } else {
             Err(Error::storage(
-                "sqlite",
+                BACKEND,
                 format!("table {table} does not have the check `{from}` this migration rewrites"),
             ))
         }
