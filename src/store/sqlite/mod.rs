@@ -4,6 +4,7 @@ mod checkpoint;
 mod group;
 mod schema;
 mod sync;
+mod vfs;
 
 pub use group::WriterStats;
 
@@ -255,8 +256,16 @@ impl SqliteStore {
         };
         let in_memory = matches!(location, Location::Memory(_));
 
+        // The writer hands each transaction's WAL frames to the file in one write instead
+        // of two per page (see `vfs.rs`); readers and the checkpointer only read the WAL.
         let mut writer = match &location {
-            Location::File(p) => Connection::open_with_flags(p, flags),
+            Location::File(p) => match vfs::register() {
+                Ok(()) => Connection::open_with_flags_and_vfs(p, flags, vfs::NAME),
+                Err(why) => {
+                    log::warn!("sqlite: writing the WAL frame by frame: {why}");
+                    Connection::open_with_flags(p, flags)
+                }
+            },
             Location::Memory(uri) => Connection::open_with_flags(uri, flags),
         }
         .map_err(sql_err)?;
