@@ -129,7 +129,11 @@ impl Default for SqliteConfig {
 ///   its own. Several processes may share one file; they wait for each other up to
 ///   [`SqliteConfig::busy_timeout`].
 /// - The file uses the WAL journal, so reads (served by a pool of read-only connections)
-///   never wait for writers.
+///   never wait for writers. The writer opens the file through a small VFS of the
+///   store's own, named `stockroom-wal`, over SQLite's default one: it hands each
+///   transaction's WAL frames to the file in one write, before SQLite publishes the
+///   commit, where SQLite alone writes two per page. The file stays an ordinary SQLite
+///   database that any SQLite program can open, even while the store has it open.
 /// - The schema carries `CHECK` constraints (no counter below zero) and foreign keys, and
 ///   is migrated on open; a file written by a newer version is refused with
 ///   [`Error::SchemaTooNew`].

@@ -263,24 +263,6 @@ unsafe extern "C" fn write(
     ffi::SQLITE_OK
 }
 
-unsafe extern "C" fn read(
-    file: *mut ffi::sqlite3_file,
-    data: *mut c_void,
-    amt: c_int,
-    offset: i64,
-) -> c_int {
-    // SAFETY: a WAL opened by `open`; SQLite's buffer holds `amt` bytes.
-    let w = unsafe { wal(file) };
-    let rc = w.flush();
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    match w.methods().xRead {
-        Some(read) => unsafe { read(w.real, data, amt, offset) },
-        None => ffi::SQLITE_IOERR_READ,
-    }
-}
-
 unsafe extern "C" fn close(file: *mut ffi::sqlite3_file) -> c_int {
     // SAFETY: a WAL opened by `open`, closed once; its buffer is dropped here, and SQLite
     // frees the space after this returns.
@@ -315,46 +297,37 @@ unsafe extern "C" fn truncate(file: *mut ffi::sqlite3_file, size: i64) -> c_int 
     }
 }
 
-unsafe extern "C" fn sync(file: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
-    // SAFETY: a WAL opened by `open`.
-    let w = unsafe { wal(file) };
-    let rc = w.flush();
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    match w.methods().xSync {
-        Some(sync) => unsafe { sync(w.real, flags) },
-        None => ffi::SQLITE_IOERR_FSYNC,
-    }
-}
-
-unsafe extern "C" fn file_size(file: *mut ffi::sqlite3_file, size: *mut i64) -> c_int {
-    // SAFETY: a WAL opened by `open`; `size` is SQLite's.
-    let w = unsafe { wal(file) };
-    let rc = w.flush();
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    match w.methods().xFileSize {
-        Some(file_size) => unsafe { file_size(w.real, size) },
-        None => ffi::SQLITE_IOERR_FSTAT,
-    }
-}
-
-/// Forwards a method that involves none of the gathered bytes.
+/// Forwards a method to the default VFS's file; with `flush`, after writing what is
+/// gathered (for the methods that read, sync or measure the file).
 macro_rules! forward {
+    (flush $name:ident, $method:ident, ($($arg:ident: $ty:ty),*), $missing:expr) => {
+        unsafe extern "C" fn $name(file: *mut ffi::sqlite3_file $(, $arg: $ty)*) -> c_int {
+            // SAFETY: a WAL opened by `open`; the arguments are SQLite's, passed on.
+            let w = unsafe { wal(file) };
+            match w.flush() {
+                ffi::SQLITE_OK => forward!(@call w, $method, ($($arg),*), $missing),
+                rc => rc,
+            }
+        }
+    };
     ($name:ident, $method:ident, ($($arg:ident: $ty:ty),*), $missing:expr) => {
         unsafe extern "C" fn $name(file: *mut ffi::sqlite3_file $(, $arg: $ty)*) -> c_int {
             // SAFETY: a WAL opened by `open`; the arguments are SQLite's, passed on.
             let w = unsafe { wal(file) };
-            match w.methods().$method {
-                Some(f) => unsafe { f(w.real $(, $arg)*) },
-                None => $missing,
-            }
+            forward!(@call w, $method, ($($arg),*), $missing)
+        }
+    };
+    (@call $w:ident, $method:ident, ($($arg:ident),*), $missing:expr) => {
+        match $w.methods().$method {
+            Some(f) => unsafe { f($w.real $(, $arg)*) },
+            None => $missing,
         }
     };
 }
 
+forward!(flush read, xRead, (data: *mut c_void, amt: c_int, offset: i64), ffi::SQLITE_IOERR_READ);
+forward!(flush sync, xSync, (flags: c_int), ffi::SQLITE_IOERR_FSYNC);
+forward!(flush file_size, xFileSize, (size: *mut i64), ffi::SQLITE_IOERR_FSTAT);
 forward!(lock, xLock, (level: c_int), ffi::SQLITE_OK);
 forward!(unlock, xUnlock, (level: c_int), ffi::SQLITE_OK);
 forward!(check_reserved_lock, xCheckReservedLock, (out: *mut c_int), ffi::SQLITE_OK);
