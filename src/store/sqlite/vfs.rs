@@ -61,6 +61,10 @@ pub(crate) fn register() -> Result<(), String> {
                     return Err("the default VFS's files are too large to wrap".into());
                 };
                 REAL.store(real, Ordering::Release);
+                // A copy of the default VFS with its own name, file size and `open`:
+                // every other method (delete, access, full path, sleep, time...) is the
+                // default VFS's own, with the same `pAppData`; the unix VFS's ignore
+                // which VFS pointer they are called with.
                 let mut vfs = *real;
                 vfs.szOsFile = size;
                 vfs.zName = NAME.as_ptr();
