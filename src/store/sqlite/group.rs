@@ -37,6 +37,7 @@ use crate::store::WriteUnit;
 
 use super::checkpoint::{Checkpointer, checkpoint};
 use super::sync::WalSync;
+use super::vfs::FRAME_HEADER;
 use super::{BACKEND, SqliteTx, exec, lock};
 
 /// The most units one transaction runs.
@@ -71,9 +72,6 @@ const RESTART_EVERY: u64 = 10_000;
 const RESTART_EVERY_SYNCED: u64 = 2_000;
 const RESTART_BYTES: i64 = 48 << 20;
 const RESTART_BYTES_SYNCED: i64 = 16 << 20;
-
-/// Bytes a WAL frame adds to a page: its header.
-const FRAME_HEADER: i64 = 24;
 
 /// How many commits the writer waits before it tries again a catch-up checkpoint that
 /// could not complete.
@@ -173,7 +171,7 @@ impl GroupWriter {
             transactions: AtomicU64::new(0),
             largest: AtomicU64::new(0),
             restart_commits,
-            restart_frames: restart_bytes / (page_size.max(512) + FRAME_HEADER),
+            restart_frames: restart_bytes / (page_size.max(512) + FRAME_HEADER as i64),
             since_restart: AtomicU64::new(0),
             since_due: AtomicU64::new(0),
             last_group: AtomicUsize::new(0),

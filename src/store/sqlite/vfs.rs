@@ -35,8 +35,9 @@ pub(crate) const NAME: &CStr = c"stockroom-wal";
 
 /// The WAL file's header, written at offset 0 when the log (re)starts.
 const WAL_HEADER: usize = 32;
-/// A frame's header; bytes 4..8 hold the database size after a commit, 0 otherwise.
-const FRAME_HEADER: usize = 24;
+/// A frame's header, the bytes a WAL frame adds to its page; bytes 4..8 hold the
+/// database size after a commit, 0 otherwise.
+pub(crate) const FRAME_HEADER: usize = 24;
 /// The most bytes handed to the file in one write: SQLite's unix VFS writes at most
 /// 128 KiB - 1 bytes in one call (it masks larger sizes and reports a full disk).
 const CAP: usize = 64 << 10;
