@@ -15,7 +15,9 @@
 
 use std::fs::File;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 
@@ -26,6 +28,8 @@ pub(crate) struct WalSync {
     wal: PathBuf,
     state: Mutex<State>,
     synced: Condvar,
+    /// How long a sync takes, in nanoseconds: a running average (see [`WalSync::typical`]).
+    typical_ns: AtomicU64,
 }
 
 #[derive(Default)]
@@ -59,6 +63,7 @@ impl WalSync {
             wal: wal.into(),
             state: Mutex::new(State::default()),
             synced: Condvar::new(),
+            typical_ns: AtomicU64::new(0),
         }
     }
 
@@ -115,7 +120,10 @@ impl WalSync {
                     .map(Arc::new),
             };
             drop(state);
+            let started = Instant::now();
             let outcome = file.and_then(|f| f.sync_data().map(|()| f));
+            // One sync runs at a time: no sample is lost.
+            running_average(&self.typical_ns, started.elapsed(), 8);
             state = lock(&self.state);
             match outcome {
                 Ok(f) => {
@@ -167,10 +175,30 @@ impl WalSync {
         out
     }
 
+    /// How long a sync of the WAL takes on this disk: the average of the recent ones,
+    /// each weighing an eighth; zero before the first.
+    pub(crate) fn typical(&self) -> Duration {
+        Duration::from_nanos(self.typical_ns.load(Ordering::Relaxed))
+    }
+
     /// Syncs run so far.
     pub(crate) fn syncs(&self) -> u64 {
         lock(&self.state).syncs
     }
+}
+
+/// Folds `sample` into the running average of nanoseconds in `average`, the sample
+/// weighing `1 / weight` (the first sample is the average). Without a lock: of two
+/// threads folding at once, one sample may be lost.
+pub(crate) fn running_average(average: &AtomicU64, sample: Duration, weight: u64) {
+    let sample = u64::try_from(sample.as_nanos()).unwrap_or(u64::MAX);
+    let old = average.load(Ordering::Relaxed);
+    let new = if old == 0 {
+        sample
+    } else {
+        old - old / weight + sample / weight
+    };
+    average.store(new, Ordering::Relaxed);
 }
 
 fn sync_failed(why: &str) -> Error {
@@ -178,4 +206,21 @@ fn sync_failed(why: &str) -> Error {
         BACKEND,
         format!("the write-ahead log could not be synced ({why}); reopen the store"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_running_average_starts_at_the_first_sample_and_weighs_the_rest() {
+        let average = AtomicU64::new(0);
+        running_average(&average, Duration::from_nanos(800), 8);
+        assert_eq!(average.load(Ordering::Relaxed), 800);
+        // 800 - 100 + 1600 / 8
+        running_average(&average, Duration::from_nanos(1600), 8);
+        assert_eq!(average.load(Ordering::Relaxed), 900);
+        running_average(&average, Duration::from_nanos(900), 8);
+        assert_eq!(average.load(Ordering::Relaxed), 900);
+    }
 }
