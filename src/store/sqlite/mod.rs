@@ -55,7 +55,11 @@ pub enum Durability {
     /// sync, and one sync makes every commit before it durable. A reader may see a
     /// commit for the fraction of a millisecond before its sync ends; a writer is told
     /// `Ok` only after. If a sync fails, the store refuses every later write with
-    /// [`Error::Storage`]: reopen it.
+    /// [`Error::Storage`]: reopen it. When several threads write one after the other,
+    /// the one committing for them waits, for at most one sync's time, for the callers
+    /// the last sync answered to bring their next writes into the same commit; it does
+    /// so only while callers usually come back within half a sync, so callers that
+    /// pause between writes are never kept waiting for each other.
     #[default]
     Full,
     /// `PRAGMA synchronous = NORMAL`: commits survive a crash of the application, but
