@@ -67,7 +67,9 @@
 //! # Features
 //!
 //! - `sqlite` (default): [`SqliteStore`], on rusqlite with SQLite bundled.
-//! - `conformance`: the [`conformance`] suite, for testing a third-party backend.
+//! - `conformance`: the `stockroom::conformance` suite, for testing a third-party backend.
+//! - `postgres`: `PostgresStore`, for several application instances sharing one
+//!   PostgreSQL database.
 //!
 //! # Logging
 //!
