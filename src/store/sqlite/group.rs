@@ -83,6 +83,10 @@ const RESTART_RETRY: u64 = 50;
 /// units (see [`GroupWriter::gather`]).
 const GATHER_ROUNDS: usize = 8;
 
+/// How many times a waiting caller lets other threads run, looking for its outcome,
+/// before it sleeps (see [`answered_soon`]).
+const SPIN_ROUNDS: usize = 20;
+
 thread_local! {
     /// The frames in the WAL after the last commit this thread ran on a writer, as
     /// SQLite's WAL hook reports them while `COMMIT` runs (see [`record_wal_frames`]);
@@ -258,7 +262,10 @@ impl GroupWriter {
                     break claim(&queue, 0);
                 }
             }
-            thread::park();
+            let shared = self.last_group.load(Ordering::Relaxed) >= 2;
+            if self.sync.is_some() || !shared || !answered_soon(&job) {
+                thread::park();
+            }
         };
         // Lead this group and, while callers keep queueing and commits need no sync, a
         // few more: the leader is already running, where waking the next caller to lead
@@ -586,6 +593,28 @@ fn return_wait(
 ) -> Option<(usize, Duration)> {
     (answered >= 2 && !sync.is_zero() && returns_in <= sync / 2)
         .then(|| ((queued_before + answered).min(MAX_GROUP), sync))
+}
+
+/// Under [`Durability::Normal`](super::Durability::Normal) a group commits within tens
+/// of microseconds, sooner than a sleeping thread is woken on a small (virtual) machine:
+/// a caller that sleeps at once makes the leader commit without it, and it comes back
+/// for a later group. So, when groups carry more than one unit (as for
+/// [`GroupWriter::gather`]), a waiting caller first yields the processor a few times and
+/// looks for its outcome; whether it found it. Yielding costs little when other threads
+/// want the processor, and is bounded when none do. (loadgen, 8 threads: 5.1–5.4 → 7.5–7.6
+/// units per commit and 9–21% more reservations/s, in alternated pairs run in either
+/// order.) Under [`Durability::Full`](super::Durability::Full) callers wait for a sync,
+/// far longer than this, and spinning threads there take processor time from the leader
+/// and from the disk's completion (64 threads: 9% fewer reservations/s); they sleep at
+/// once.
+fn answered_soon(job: &Mutex<Job>) -> bool {
+    for _ in 0..SPIN_ROUNDS {
+        thread::yield_now();
+        if lock(job).outcome.is_some() {
+            return true;
+        }
+    }
+    false
 }
 
 fn unwrap(outcome: Outcome) -> Result<()> {
