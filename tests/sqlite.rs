@@ -510,6 +510,28 @@ fn a_crowd_of_repeat_writers_never_runs_a_group_twice() {
     assert_eq!(store.writer_stats().units, 24_001);
 }
 
+/// The same crowd under FULL, where a leader also waits for the callers the last sync
+/// answered: every reservation is kept exactly once, and the callers share syncs.
+#[test]
+fn a_crowd_of_repeat_writers_under_full_durability_shares_syncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path().join("crowd.db")).unwrap());
+    let stock = StockService::new(store.clone());
+    stock
+        .create_product(NewProduct::plain(MUG, "Mug", 10_000))
+        .unwrap();
+    let before = store.writer_stats();
+    reserve_one_at_a_time(&stock, 8, 250);
+    assert_eq!(levels(&stock), (8_000, 2_000, 0));
+    let stats = store.writer_stats();
+    assert_eq!(stats.units - before.units, 2_000);
+    assert!(
+        stats.syncs - before.syncs < 2_000,
+        "no sync was shared: {stats:?}"
+    );
+    assert!(stock.verify_ledger().unwrap().is_consistent());
+}
+
 /// Under a stream of writes with no pause, the WAL is still started over regularly: a
 /// checkpoint running beside the writes never catches up by itself, so the leader
 /// checkpoints between two transactions every 10,000 commits or once the WAL holds
