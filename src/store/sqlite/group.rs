@@ -20,7 +20,8 @@
 //! ends, and then those the sync has just answered when they usually come back within
 //! half a sync (see [`GroupWriter::await_returns`]). Under
 //! [`Durability::Normal`](super::Durability::Normal) a leader of a shared writer yields
-//! the processor a few times before it commits instead (see [`GroupWriter::gather`]).
+//! the processor a few times before it commits instead (see [`GroupWriter::gather`]),
+//! and so does a waiting caller before it sleeps (see [`answered_soon`]).
 
 use std::cell::Cell;
 use std::collections::VecDeque;

@@ -66,7 +66,9 @@ pub enum Durability {
     /// the last ones before an OS crash or power cut may roll back (the WAL is synced at
     /// checkpoints, not at each commit). Several times faster per commit. When several
     /// threads write, the one committing for them yields the processor a few times
-    /// before `COMMIT` while that brings more of their writes into the same transaction.
+    /// before `COMMIT` while that brings more of their writes into the same transaction,
+    /// and a thread waiting for its write yields a few times, looking for its outcome,
+    /// before it sleeps.
     Normal,
 }
 
