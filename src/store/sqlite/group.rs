@@ -11,7 +11,7 @@
 //! anything (the services check every rule first), and then there is nothing to undo.
 //! A unit that fails after it has written is undone by rolling the transaction back and
 //! running the units before it again (units may be run again: see
-//! [`WriteUnit`](crate::store::WriteUnit)), each in a savepoint from then on, so one
+//! [`WriteUnit`]), each in a savepoint from then on, so one
 //! group runs at most twice.
 //!
 //! Under [`Durability::Full`](super::Durability::Full) the leader syncs the WAL after it
