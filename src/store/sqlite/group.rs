@@ -10,9 +10,8 @@
 //! A refused unit never fails its neighbours. Most refusals come before the unit writes
 //! anything (the services check every rule first), and then there is nothing to undo.
 //! A unit that fails after it has written is undone by rolling the transaction back and
-//! running the units before it again (units may be run again: see
-//! [`WriteUnit`]), each in a savepoint from then on, so one
-//! group runs at most twice.
+//! running the units before it again (units may be run again: see [`WriteUnit`]), each
+//! in a savepoint from then on, so one group runs at most twice.
 //!
 //! Under [`Durability::Full`](super::Durability::Full) the leader syncs the WAL after it
 //! has handed the writer to the next leader (see [`WalSync`]): the next group's
