@@ -601,7 +601,7 @@ fn return_wait(
 /// for a later group. So, when groups carry more than one unit (as for
 /// [`GroupWriter::gather`]), a waiting caller first yields the processor a few times and
 /// looks for its outcome; whether it found it. Yielding costs little when other threads
-/// want the processor, and is bounded when none do. (loadgen, 8 threads: 5.1–5.4 → 7.5–7.6
+/// want the processor, and is bounded when none do. (loadgen, 8 threads: 4.8–5.4 → 7.5–7.6
 /// units per commit and 9–21% more reservations/s, in alternated pairs run in either
 /// order.) Under [`Durability::Full`](super::Durability::Full) callers wait for a sync,
 /// far longer than this, and spinning threads there take processor time from the leader
