@@ -76,7 +76,13 @@
 //! Through the [`log`](https://docs.rs/log) facade, never installing a logger: `info` for
 //! each stock movement ("Reserved 2 units of size M for product 123"), `warn` for refused
 //! operations, `error` for failures, `debug` in backends.
-
+//!
+// Without the `sqlite` feature there is no `SqliteStore` to link to: the links above go
+// to its page on docs.rs instead.
+#![cfg_attr(
+    not(feature = "sqlite"),
+    doc = "[`SqliteStore`]: https://docs.rs/stockroom/latest/stockroom/struct.SqliteStore.html"
+)]
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms, unreachable_pub)]
 
