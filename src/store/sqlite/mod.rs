@@ -2,6 +2,7 @@
 
 mod checkpoint;
 mod group;
+mod pcache;
 mod schema;
 mod sync;
 mod vfs;
@@ -140,6 +141,17 @@ impl Default for SqliteConfig {
 ///   transaction's WAL frames to the file in one write, before SQLite publishes the
 ///   commit, where SQLite alone writes two per page. The file stays an ordinary SQLite
 ///   database that any SQLite program can open, even while the store has it open.
+/// - **Process-wide:** if SQLite has not started yet when the first store of a process
+///   opens, that store puts a thin layer over SQLite's page cache, which SQLite
+///   configures for the whole process (its `SQLITE_CONFIG_PCACHE2`). The layer passes
+///   every call to SQLite's own cache and changes one thing: when SQLite renumbers
+///   b-tree pages after a split it moves one page, for a moment, to a page number far
+///   past the end of the database, and that mark made SQLite's cache scan its whole
+///   hash table at the end of the transaction; the layer keeps that page just past the
+///   end instead. Every SQLite connection the process opens afterwards uses it. Open
+///   any SQLite connection before the first store to keep SQLite's cache as it is (the
+///   store works the same, a little slower); as with any SQLite configuration, no other
+///   thread should be starting SQLite while that first store opens.
 /// - The schema carries `CHECK` constraints (no counter below zero) and foreign keys, and
 ///   is migrated on open; a file written by a newer version is refused with
 ///   [`Error::SchemaTooNew`].
@@ -265,6 +277,8 @@ impl SqliteStore {
             Location::Memory(uri) => uri.clone(),
         };
         let in_memory = matches!(location, Location::Memory(_));
+        // Before SQLite starts, if it has not: see `pcache.rs`.
+        pcache::install();
 
         // The writer hands each transaction's WAL frames to the file in one write instead
         // of two per page (see `vfs.rs`); readers and the checkpointer only read the WAL.
