@@ -80,17 +80,28 @@ impl Checkpointer {
     }
 }
 
-/// A `PASSIVE` checkpoint on `conn`, with no WAL sync of `sync` running beside it;
-/// whether it copied every frame of the WAL (no reader or writer held it back), so that
-/// the next write starts the WAL over. `who` names the caller in the log.
-pub(crate) fn checkpoint(conn: &Connection, sync: Option<&WalSync>, who: &str) -> bool {
+/// How far a checkpoint got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Checkpointed {
+    /// Every frame of the WAL is in the database file: the next write starts the WAL
+    /// over.
+    All,
+    /// Some frames are left: a reader still needs them, or the checkpoint failed.
+    Part,
+    /// Another connection was checkpointing; this one did nothing.
+    Busy,
+}
+
+/// A `PASSIVE` checkpoint on `conn`, with no WAL sync of `sync` running beside it.
+/// `who` names the caller in the log.
+pub(crate) fn checkpoint(conn: &Connection, sync: Option<&WalSync>, who: &str) -> Checkpointed {
     match sync {
         Some(s) => s.checkpoint(|| passive(conn, who)),
         None => passive(conn, who),
     }
 }
 
-fn passive(conn: &Connection, who: &str) -> bool {
+fn passive(conn: &Connection, who: &str) -> Checkpointed {
     let result = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
         Ok((
             r.get::<_, i64>(0)?,
@@ -101,11 +112,15 @@ fn passive(conn: &Connection, who: &str) -> bool {
     match result {
         Ok((busy, log, done)) => {
             log::trace!("sqlite: {who} checkpoint copied {done} of {log} WAL frames (busy {busy})");
-            busy == 0 && done == log
+            match (busy, done == log) {
+                (0, true) => Checkpointed::All,
+                (0, false) => Checkpointed::Part,
+                _ => Checkpointed::Busy,
+            }
         }
         Err(e) => {
             log::debug!("sqlite: {who} checkpoint skipped: {e}");
-            false
+            Checkpointed::Part
         }
     }
 }
