@@ -43,8 +43,9 @@ struct State {
     in_flight: u64,
     /// Syncs run so far.
     syncs: u64,
-    /// A checkpoint is running: no sync starts meanwhile.
-    checkpointing: bool,
+    /// Checkpoints running (the background one and the writer's may overlap): no sync
+    /// starts meanwhile.
+    checkpointing: u32,
     /// The WAL, opened by the first sync.
     file: Option<Arc<File>>,
     /// A sync failed: what it said. Nothing is trusted to be durable any more.
@@ -104,7 +105,7 @@ impl WalSync {
             if state.synced >= ticket {
                 return Ok(());
             }
-            if state.in_flight > state.synced || state.checkpointing {
+            if state.in_flight > state.synced || state.checkpointing > 0 {
                 state = self.synced.wait(state).unwrap_or_else(|e| e.into_inner());
                 continue;
             }
@@ -167,12 +168,18 @@ impl WalSync {
         while state.in_flight > state.synced && state.failed.is_none() {
             state = self.synced.wait(state).unwrap_or_else(|e| e.into_inner());
         }
-        state.checkpointing = true;
+        state.checkpointing += 1;
         drop(state);
-        let out = checkpoint();
-        lock(&self.state).checkpointing = false;
-        self.synced.notify_all();
-        out
+        // Counted down even if `checkpoint` panics, or syncs would wait for good.
+        struct Done<'a>(&'a WalSync);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                lock(&self.0.state).checkpointing -= 1;
+                self.0.synced.notify_all();
+            }
+        }
+        let _done = Done(self);
+        checkpoint()
     }
 
     /// How long a sync of the WAL takes on this disk: the average of the recent ones,
@@ -222,5 +229,23 @@ mod tests {
         assert_eq!(average.load(Ordering::Relaxed), 900);
         running_average(&average, Duration::from_nanos(900), 8);
         assert_eq!(average.load(Ordering::Relaxed), 900);
+    }
+
+    #[test]
+    fn a_checkpoint_that_ends_inside_another_still_holds_syncs_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("x.db");
+        std::fs::write(&db, b"").unwrap();
+        std::fs::write(dir.path().join("x.db-wal"), b"").unwrap();
+        let s = WalSync::new(&db);
+        let ticket = s.committed();
+        s.checkpoint(|| {
+            s.checkpoint(|| assert_eq!(lock(&s.state).checkpointing, 2));
+            // The writer's checkpoint has ended; the background one has not.
+            assert_eq!(lock(&s.state).checkpointing, 1);
+        });
+        assert_eq!(lock(&s.state).checkpointing, 0);
+        s.wait(ticket).unwrap();
+        assert_eq!((s.syncs(), lock(&s.state).synced), (1, ticket));
     }
 }
