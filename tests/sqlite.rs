@@ -550,6 +550,42 @@ fn under_a_stream_of_writes_the_wal_stays_bounded() {
     assert_eq!(levels(&stock), (900_000, 100_000, 0));
 }
 
+/// Under NORMAL the writer's restart of the WAL is prepared: from 7,500 commits on (three
+/// quarters of the 10,000-commit bound) the background thread checkpoints in rounds
+/// back to back, and the writer starts the WAL over as soon as they are done, well before
+/// the bound, with little left to sync and copy itself. The WAL header's checkpoint
+/// sequence number counts the restarts. A single caller pauses a millisecond between
+/// commits past 7,500, so that the rounds end before the bound on a slow machine too.
+#[test]
+fn under_normal_durability_the_wal_restarts_once_the_background_thread_has_prepared_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let stock = StockService::new(normal_store(dir.path(), "prepared.db"));
+    stock
+        .create_product(NewProduct::plain(MUG, "Mug", 100_000))
+        .unwrap();
+    let wal = dir.path().join("prepared.db-wal");
+    let sequence = || {
+        let mut header = [0u8; 16];
+        std::io::Read::read_exact(&mut std::fs::File::open(&wal).unwrap(), &mut header).unwrap();
+        u32::from_be_bytes(header[12..16].try_into().unwrap())
+    };
+    let first = sequence();
+    let mut restarted_at = None;
+    for commit in 2..=10_000u64 {
+        stock.reserve_stock(MUG, 1, None).unwrap();
+        if commit > 7_500 {
+            if sequence() != first {
+                restarted_at = Some(commit);
+                break;
+            }
+            thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+    let at = restarted_at.expect("the WAL was not started over before 10,000 commits");
+    assert!(at < 10_000, "restarted at commit {at}, the bound itself");
+    assert!(stock.verify_ledger().unwrap().is_consistent());
+}
+
 /// Commits that each carry many pages reach the WAL's size bound long before its commit
 /// bound: the writer learns the WAL's size from SQLite's WAL hook after every commit and
 /// starts it over at 40 MiB (under NORMAL). 1,200 carts of 50 lines spread over 1,000

@@ -74,7 +74,9 @@ const LEAD_ROUNDS: usize = 4;
 /// background one at work tries again at the next commit. A single caller's commits
 /// (3 pages) meet the commit bound first, as before; under FULL, a size bound alone
 /// (16 MiB, about 5,300 such commits) measured 3–10% slower for one caller in 5-second
-/// runs, from the longer first growth.
+/// runs, from the longer first growth. Under NORMAL the background thread prepares the
+/// restart from three quarters of either bound on, and the writer restarts once it is
+/// ready, usually before the bound (see `checkpoint.rs`).
 const RESTART_EVERY: u64 = 10_000;
 const RESTART_EVERY_SYNCED: u64 = 2_000;
 const RESTART_BYTES: i64 = 40 << 20;
@@ -402,7 +404,22 @@ impl GroupWriter {
             // WAL syncs back while it runs (see `WalSync::checkpoint`), and the bound,
             // 16 MiB, leaves 48 MiB of room: the rhythm stays at 50 commits there.
             let commits = self.since_restart.fetch_add(1, Ordering::Relaxed) + 1;
-            if commits >= self.restart_commits || WAL_FRAMES.get() >= self.restart_frames {
+            let frames = WAL_FRAMES.get();
+            let due = commits >= self.restart_commits || frames >= self.restart_frames;
+            // Under NORMAL the background thread prepares the restart from three
+            // quarters of either bound on, and the writer restarts as soon as it is
+            // ready (see `checkpoint.rs`). Under FULL every commit has synced the WAL
+            // already, and the rounds would hold the syncs back.
+            let near =
+                commits >= self.restart_commits / 4 * 3 || frames >= self.restart_frames / 4 * 3;
+            if self.sync.is_none() && near {
+                c.prepare_restart();
+            }
+            let prepared = self.sync.is_none() && c.restart_ready();
+            if due && !prepared {
+                c.restart_due();
+            }
+            if due || prepared {
                 let since = self.since_due.fetch_add(1, Ordering::Relaxed);
                 let busy = self.sync.is_none() && self.restart_busy.load(Ordering::Relaxed);
                 if since % RESTART_RETRY == 0 || busy {
@@ -410,6 +427,7 @@ impl GroupWriter {
                     self.restart_busy
                         .store(done == Checkpointed::Busy, Ordering::Relaxed);
                     if done == Checkpointed::All {
+                        c.restarted();
                         self.since_restart.store(0, Ordering::Relaxed);
                         self.since_due.store(0, Ordering::Relaxed);
                     }
