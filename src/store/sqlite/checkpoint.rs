@@ -57,6 +57,9 @@ pub(crate) struct Checkpointer {
     /// Asks the thread to prepare a restart; dropped to stop it.
     requests: Option<Sender<()>>,
     thread: Option<JoinHandle<()>>,
+    /// Prepares the thread has finished.
+    #[cfg(test)]
+    prepares: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Checkpointer {
@@ -74,6 +77,10 @@ impl Checkpointer {
         let restart = Arc::new(AtomicU8::new(IDLE));
         let (requests, received) = mpsc::channel::<()>();
         let (flag, restart_state) = (Arc::clone(&dirty), Arc::clone(&restart));
+        #[cfg(test)]
+        let prepares = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        #[cfg(test)]
+        let prepared = Arc::clone(&prepares);
         let thread = std::thread::Builder::new()
             .name("stockroom-checkpoint".into())
             .spawn(move || {
@@ -88,6 +95,8 @@ impl Checkpointer {
                                 Ordering::AcqRel,
                                 Ordering::Acquire,
                             );
+                            #[cfg(test)]
+                            prepared.fetch_add(1, Ordering::AcqRel);
                         }
                         Err(RecvTimeoutError::Timeout) => {
                             if flag.swap(false, Ordering::AcqRel) {
@@ -112,6 +121,8 @@ impl Checkpointer {
             restart,
             requests: Some(requests),
             thread: Some(thread),
+            #[cfg(test)]
+            prepares,
         })
     }
 
@@ -226,5 +237,88 @@ impl Drop for Checkpointer {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A WAL database in `dir` with automatic checkpoints off and `rows` rows written,
+    /// and its writer.
+    fn database(dir: &Path, rows: i64) -> (std::path::PathBuf, Connection) {
+        let path = dir.join("c.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA wal_autocheckpoint = 0; \
+             CREATE TABLE t (x INTEGER);",
+        )
+        .unwrap();
+        for x in 0..rows {
+            conn.execute("INSERT INTO t VALUES (?1)", [x]).unwrap();
+        }
+        (path, conn)
+    }
+
+    fn start(path: &Path) -> Checkpointer {
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        Checkpointer::start(path, flags, Duration::from_secs(5), None).unwrap()
+    }
+
+    /// The checkpoint sequence number in the WAL's header: one more at every restart.
+    fn restarts(path: &Path) -> u32 {
+        let header = std::fs::read(path.with_extension("db-wal")).unwrap();
+        u32::from_be_bytes(header[12..16].try_into().unwrap())
+    }
+
+    fn until(what: impl Fn() -> bool) -> bool {
+        let started = Instant::now();
+        while !what() {
+            if started.elapsed() > Duration::from_secs(20) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+
+    #[test]
+    fn a_prepared_restart_leaves_nothing_to_copy_and_the_next_write_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, writer) = database(dir.path(), 200);
+        let checkpointer = start(&path);
+        let before = restarts(&path);
+        assert!(!checkpointer.restart_ready());
+        checkpointer.prepare_restart();
+        assert!(until(|| checkpointer.restart_ready()), "never ready");
+        // Asked again while ready: nothing new.
+        checkpointer.prepare_restart();
+        assert!(checkpointer.restart_ready());
+        assert_eq!(checkpointer.prepares.load(Ordering::Acquire), 1);
+        // The rounds copied every frame: the next write starts the WAL over.
+        writer.execute("INSERT INTO t VALUES (1)", []).unwrap();
+        assert_eq!(restarts(&path), before + 1);
+        checkpointer.restarted();
+        assert!(!checkpointer.restart_ready());
+        let rows: i64 = writer
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 201);
+    }
+
+    #[test]
+    fn a_restart_before_the_rounds_end_leaves_no_stale_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _writer) = database(dir.path(), 200);
+        let checkpointer = start(&path);
+        checkpointer.prepare_restart();
+        // The writer restarted by itself (its bound came first).
+        checkpointer.restarted();
+        assert!(until(|| checkpointer.prepares.load(Ordering::Acquire) == 1));
+        assert!(!checkpointer.restart_ready(), "a prepare for nothing");
+        // The next one is asked anew.
+        checkpointer.prepare_restart();
+        assert!(until(|| checkpointer.restart_ready()));
+        assert_eq!(checkpointer.prepares.load(Ordering::Acquire), 2);
     }
 }
