@@ -410,18 +410,19 @@ impl GroupWriter {
             // quarters of either bound on, and the writer restarts as soon as it is
             // ready (see `checkpoint.rs`). Under FULL every commit has synced the WAL
             // already, and the rounds would hold the syncs back.
+            let normal = self.sync.is_none();
             let near =
                 commits >= self.restart_commits / 4 * 3 || frames >= self.restart_frames / 4 * 3;
-            if self.sync.is_none() && near {
+            if normal && near {
                 c.prepare_restart();
             }
-            let prepared = self.sync.is_none() && c.restart_ready();
+            let prepared = normal && c.restart_ready();
             if due && !prepared {
                 c.restart_due();
             }
             if due || prepared {
                 let since = self.since_due.fetch_add(1, Ordering::Relaxed);
-                let busy = self.sync.is_none() && self.restart_busy.load(Ordering::Relaxed);
+                let busy = normal && self.restart_busy.load(Ordering::Relaxed);
                 if since % RESTART_RETRY == 0 || busy {
                     let done = checkpoint(&conn, self.sync.as_deref(), "writer");
                     self.restart_busy
