@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use stockroom::{MemoryStore, SqliteStore, StockStore};
+use stockroom::{MemoryStore, SqliteConfig, SqliteStore, StockStore};
 #[cfg(feature = "postgres")]
 use stockroom::{PostgresConfig, PostgresStore};
 
@@ -160,5 +160,11 @@ macro_rules! backend {
 backend!(memory, scratch => MemoryStore::new());
 backend!(sqlite_memory, scratch => SqliteStore::open_in_memory().expect("open sqlite in memory"));
 backend!(sqlite_file, scratch => SqliteStore::open(scratch.file()).expect("open sqlite file"));
+// The writer indexes the ledger by product after every commit: reads go through the
+// index instead of the scan of movements not indexed yet.
+backend!(sqlite_indexed, scratch => SqliteStore::open_with(
+    scratch.file(),
+    SqliteConfig::default().with_ledger_index_batch(1),
+).expect("open sqlite file"));
 #[cfg(feature = "postgres")]
 backend!(postgres, scratch => pg_store(), run_if = pg_url().is_some());

@@ -74,7 +74,7 @@ fn a_new_file_is_migrated_to_the_latest_schema_in_wal_mode() {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 5);
+    assert_eq!(version, 6);
     let mode: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .unwrap();
@@ -90,6 +90,8 @@ fn a_new_file_is_migrated_to_the_latest_schema_in_wal_mode() {
         tables,
         [
             "cart_holds",
+            "ledger_by_product",
+            "ledger_indexed",
             "orders",
             "payments",
             "products",
@@ -110,7 +112,7 @@ fn a_database_from_a_newer_version_is_refused() {
         .execute_batch("PRAGMA user_version = 99")
         .unwrap();
     match SqliteStore::open(&path) {
-        Err(Error::SchemaTooNew { found, supported }) => assert_eq!((found, supported), (99, 5)),
+        Err(Error::SchemaTooNew { found, supported }) => assert_eq!((found, supported), (99, 6)),
         other => panic!("expected SCHEMA_TOO_NEW, got {other:?}"),
     }
 }
@@ -367,6 +369,7 @@ fn an_older_database_is_migrated_step_by_step_keeping_its_data() {
         .execute_batch(
             "DROP TABLE cart_holds; DROP INDEX orders_awaiting_by_row;
              DROP TABLE stock_counts; DROP TABLE stock_movements;
+             DROP TABLE ledger_by_product; DROP TABLE ledger_indexed;
              PRAGMA user_version = 1;",
         )
         .unwrap();
@@ -375,7 +378,7 @@ fn an_older_database_is_migrated_step_by_step_keeping_its_data() {
         .unwrap()
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 5);
+    assert_eq!(version, 6);
     assert_eq!(levels(&stock), (10, 0, 0));
     // The ledger starts from an opening balance, so it adds up from the first day.
     let opening = stock
@@ -728,7 +731,8 @@ fn the_ledger_rebuilt_by_version_4_keeps_its_rows_and_its_rules() {
     // Put back the version-3 table: same rows, the old check.
     let conn = Connection::open(&path).unwrap();
     conn.execute_batch(
-        "CREATE TABLE old_rows AS SELECT * FROM stock_movements;
+        "DROP TABLE ledger_by_product; DROP TABLE ledger_indexed;
+         CREATE TABLE old_rows AS SELECT * FROM stock_movements;
          DROP TABLE stock_movements;
          CREATE TABLE stock_movements (
             id INTEGER PRIMARY KEY, at INTEGER NOT NULL, product_id INTEGER NOT NULL,
@@ -766,7 +770,7 @@ fn the_ledger_rebuilt_by_version_4_keeps_its_rows_and_its_rules() {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 5);
+    assert_eq!(version, 6);
     let bad_kind = conn
         .execute(
             "INSERT INTO stock_movements (at, product_id, size, kind, available_delta, \
@@ -839,10 +843,17 @@ const VERSION_4_CHECKS: [(&str, &str, &str); 4] = [
     ),
 ];
 
+/// What version 6 changed, undone: the ledger's index by product back in place of the
+/// table the writer fills in bulk.
+const UNDO_VERSION_6: &str = "DROP TABLE ledger_by_product; DROP TABLE ledger_indexed;
+     CREATE INDEX stock_movements_by_product ON stock_movements (product_id, at, id);";
+
 /// Replaces, in the file at `path`, each table's text `new` by `old` in its definition
-/// (each must be found once), and sets the schema version to `version`.
+/// (each must be found once), undoes version 6, and sets the schema version to
+/// `version` (at most 5).
 fn edit_definitions(path: &std::path::Path, edits: &[(&str, &str, &str)], version: i64) {
     let conn = Connection::open(path).unwrap();
+    conn.execute_batch(UNDO_VERSION_6).unwrap();
     conn.execute_batch("PRAGMA writable_schema = ON").unwrap();
     for (table, new, old) in edits {
         let changed = conn
@@ -922,7 +933,7 @@ fn version_5_rewrites_the_status_checks_in_place() {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 5);
+    assert_eq!(version, 6);
     for sql in updates {
         assert!(
             !opcodes(&conn, sql).iter().any(|op| op == "OpenEphemeral"),
@@ -1010,4 +1021,182 @@ fn version_5_refuses_a_table_it_does_not_recognise_and_changes_nothing() {
             .iter()
             .any(|sql| sql.contains("status IN ('under_paying'"))
     );
+}
+
+/// Every movement of `product` through the store, in pages of 7, as ids.
+fn paged_movement_ids(stock: &StockService, product: ProductId) -> Vec<i64> {
+    let mut ids = Vec::new();
+    let mut query = stockroom::MovementQuery::product(product).limit(7);
+    loop {
+        let page = stock.movements(&query).unwrap();
+        ids.extend(page.iter().map(|m| m.id));
+        match page.last() {
+            Some(last) if page.len() == 7 => query = query.after(last),
+            _ => return ids,
+        }
+    }
+}
+
+/// Every movement of `product` in the file, as ids, oldest first: what the ledger holds.
+fn ledger_ids(conn: &Connection, product: ProductId) -> Vec<i64> {
+    conn.prepare("SELECT id FROM stock_movements WHERE product_id = ?1 ORDER BY at, id")
+        .unwrap()
+        .query_map([product.0], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// (movements up to `ledger_indexed.upto`, of them those in `ledger_by_product`, entries
+/// of `ledger_by_product`, `upto`).
+fn index_state(conn: &Connection) -> (i64, i64, i64, i64) {
+    conn.query_row(
+        "SELECT (SELECT count(*) FROM stock_movements \
+                 WHERE id <= (SELECT upto FROM ledger_indexed)), \
+                (SELECT count(*) FROM stock_movements m \
+                 WHERE m.id <= (SELECT upto FROM ledger_indexed) AND EXISTS ( \
+                   SELECT 1 FROM ledger_by_product x WHERE x.product_id = m.product_id \
+                   AND x.at = m.at AND x.id = m.id AND x.size = m.size)), \
+                (SELECT count(*) FROM ledger_by_product), \
+                (SELECT upto FROM ledger_indexed)",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+    )
+    .unwrap()
+}
+
+/// Checks that every movement marked indexed (up to `ledger_indexed.upto`) is in
+/// `ledger_by_product`, a catch-up in progress having perhaps inserted more, and that at
+/// most `behind` of the first `movements` are not marked; returns how many are.
+fn assert_indexed(conn: &Connection, movements: i64, behind: i64) -> i64 {
+    let (marked, indexed, entries, upto) = index_state(conn);
+    assert_eq!(indexed, marked);
+    assert!(
+        entries >= marked,
+        "{entries} entries for {marked} movements"
+    );
+    assert!(
+        upto >= movements - behind,
+        "indexed up to {upto} of {movements} movements"
+    );
+    marked
+}
+
+/// The ledger is indexed by product in bulk, by the writer, once a batch of movements has
+/// accumulated; reads take what is indexed through the index and scan the rest, and give
+/// the same movements and metrics whatever the index has caught up with, a catch-up cut
+/// short by a crash included (entries past the last movement marked indexed).
+#[test]
+fn the_ledger_is_indexed_by_product_in_bulk_and_reads_the_same_at_every_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let products = [ProductId(1), ProductId(2), ProductId(3)];
+    let config = SqliteConfig::default()
+        .with_durability(Durability::Normal)
+        .with_ledger_index_batch(64);
+    let reserve = |stock: &StockService, n: usize| {
+        for i in 0..n {
+            stock
+                .reserve_stock(products[i % 3], 1 + (i % 2) as u64, None)
+                .unwrap();
+        }
+    };
+    let from = chrono::Utc::now() - chrono::TimeDelta::hours(1);
+    let to = chrono::Utc::now() + chrono::TimeDelta::hours(1);
+    let (metrics, movements) = {
+        let stock = service(SqliteStore::open_with(&path, config.clone()).unwrap());
+        for p in products {
+            stock
+                .create_product(NewProduct::plain(p, "P", 10_000))
+                .unwrap();
+        }
+        // Fewer movements than a batch: nothing indexed, every read scans.
+        reserve(&stock, 40);
+        let conn = Connection::open(&path).unwrap();
+        assert_eq!(index_state(&conn), (0, 0, 0, 0));
+        for p in products {
+            assert_eq!(paged_movement_ids(&stock, p), ledger_ids(&conn, p));
+        }
+        // Past a batch: the writer indexes all it has found, and only that.
+        reserve(&stock, 400);
+        assert_indexed(&conn, 443, 64 + 16);
+        let mut movements = Vec::new();
+        for p in products {
+            let ids = paged_movement_ids(&stock, p);
+            assert_eq!(ids, ledger_ids(&conn, p));
+            movements.push(ids);
+        }
+        (stock.metrics(from, to).unwrap(), movements)
+    };
+    assert_eq!(metrics.overall.units_reserved, 40 + 20 + 400 + 200);
+    // A crash in the middle of a catch-up: the last 100 movements not marked indexed,
+    // 30 of them in the index already.
+    let conn = Connection::open(&path).unwrap();
+    conn.execute_batch(
+        "UPDATE ledger_indexed SET upto = upto - 100;
+         DELETE FROM ledger_by_product WHERE id > (SELECT upto + 30 FROM ledger_indexed);",
+    )
+    .unwrap();
+    let (marked, indexed, entries, _) = index_state(&conn);
+    assert_eq!((indexed, entries), (marked, marked + 30));
+    // A batch larger than one catch-up transaction's chunk (512 entries) from here on.
+    let config = config.with_ledger_index_batch(600);
+    let stock = service(SqliteStore::open_with(&path, config).unwrap());
+    for (p, ids) in products.iter().zip(&movements) {
+        assert_eq!(&paged_movement_ids(&stock, *p), ids);
+    }
+    assert_eq!(stock.metrics(from, to).unwrap(), metrics);
+    // The next catch-up indexes what was left, the 30 again without a duplicate, in two
+    // transactions.
+    reserve(&stock, 700);
+    assert_indexed(&conn, 1_143, 600 + 16);
+    for p in products {
+        assert_eq!(paged_movement_ids(&stock, p), ledger_ids(&conn, p));
+    }
+    assert!(stock.verify_ledger().unwrap().is_consistent());
+}
+
+/// Commits that each append more movements than a catch-up transaction's smallest chunk
+/// (300-line carts against 512 entries, looked at every 16 commits): the catch-up keeps
+/// pace with them (each chunk twice what the commit before it appended, and the next look
+/// right after a catch-up), so what is not indexed stays bounded however long they come.
+#[test]
+fn the_ledger_index_keeps_pace_with_large_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("carts.db");
+    let config = SqliteConfig::default()
+        .with_durability(Durability::Normal)
+        .with_ledger_index_batch(1_000);
+    let stock = service(SqliteStore::open_with(&path, config).unwrap());
+    for p in 1..=300 {
+        stock
+            .create_product(NewProduct::plain(ProductId(p), "P", 1_000))
+            .unwrap();
+    }
+    let lines: Vec<stockroom::StockLine> = (1..=300)
+        .map(|p| stockroom::StockLine::new(ProductId(p), None, 1))
+        .collect();
+    let conn = Connection::open(&path).unwrap();
+    let mut behind = Vec::new();
+    for _ in 0..120 {
+        stock.reserve_lines(&lines).unwrap();
+        let (end, upto): (i64, i64) = conn
+            .query_row(
+                "SELECT (SELECT max(id) FROM stock_movements), \
+                        (SELECT upto FROM ledger_indexed)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        behind.push(end - upto);
+    }
+    // A catch-up starts at 1,000 behind or more, plus what came since the last look;
+    // it moves `upto` when it ends, 600 entries a commit while 300 come.
+    let most = *behind.iter().max().unwrap();
+    assert!(
+        most <= 2 * (1_000 + 17 * 300),
+        "up to {most} movements not indexed: {behind:?}"
+    );
+    let marked = assert_indexed(&conn, 300 + 120 * 300, most);
+    assert_eq!(marked, 300 + 120 * 300 - behind[119]);
 }

@@ -38,6 +38,7 @@ use crate::error::{Error, Result};
 use crate::store::WriteUnit;
 
 use super::checkpoint::{Checkpointed, Checkpointer, checkpoint};
+use super::ledger_index::LedgerIndexer;
 use super::sync::{WalSync, running_average};
 use super::vfs::FRAME_HEADER;
 use super::{BACKEND, SqliteTx, exec, lock};
@@ -139,6 +140,8 @@ pub(crate) struct GroupWriter {
     /// `conn` so the writer closes first and the checkpointer's last round sees every
     /// commit.
     checkpointer: Option<Checkpointer>,
+    /// Indexes the ledger by product between groups (locked while `conn` is).
+    ledger: Mutex<LedgerIndexer>,
     units: AtomicU64,
     transactions: AtomicU64,
     largest: AtomicU64,
@@ -176,12 +179,14 @@ pub struct WriterStats {
 }
 
 impl GroupWriter {
-    /// A writer on `conn`, whose database has pages of `page_size` bytes.
+    /// A writer on `conn`, whose database has pages of `page_size` bytes, that indexes
+    /// the ledger by product every `ledger_batch` movements.
     pub(crate) fn new(
         conn: Connection,
         page_size: i64,
         sync: Option<Arc<WalSync>>,
         checkpointer: Option<Checkpointer>,
+        ledger_batch: u64,
     ) -> Self {
         let (restart_commits, restart_bytes) = if sync.is_some() {
             (RESTART_EVERY_SYNCED, RESTART_BYTES_SYNCED)
@@ -193,6 +198,7 @@ impl GroupWriter {
             conn: Mutex::new(conn),
             sync,
             checkpointer,
+            ledger: Mutex::new(LedgerIndexer::new(ledger_batch)),
             units: AtomicU64::new(0),
             transactions: AtomicU64::new(0),
             largest: AtomicU64::new(0),
@@ -434,6 +440,9 @@ impl GroupWriter {
                     }
                 }
             }
+        }
+        if wrote {
+            lock(&self.ledger).after_commit(&conn);
         }
         (jobs, outcomes, ticket)
     }

@@ -2,6 +2,7 @@
 
 mod checkpoint;
 mod group;
+mod ledger_index;
 mod pcache;
 mod schema;
 mod sync;
@@ -94,6 +95,17 @@ pub struct SqliteConfig {
     pub busy_timeout: Duration,
     /// How many pooled connections serve reads: 4 by default.
     pub read_pool_size: u32,
+    /// How many ledger movements the writer lets accumulate before it indexes them by
+    /// product, in bulk: 16,384 by default.
+    ///
+    /// Movements are appended without an index by product; the writer catches up
+    /// after its commits, a few hundred entries per short transaction, sorted by product
+    /// so that a product's new entries share one page write. Reading a product's
+    /// movements ([`StockService::movements`](crate::StockService::movements)) or the
+    /// metrics ([`StockService::metrics`](crate::StockService::metrics)) scans the
+    /// movements not indexed yet: about this many, and up to half as many again while a
+    /// catch-up runs. A smaller batch makes those reads cheaper and every write dearer.
+    pub ledger_index_batch: u64,
 }
 
 impl SqliteConfig {
@@ -114,6 +126,13 @@ impl SqliteConfig {
         self.read_pool_size = size.max(1);
         self
     }
+
+    /// The same settings with another ledger index batch (at least 1): see
+    /// [`ledger_index_batch`](SqliteConfig::ledger_index_batch).
+    pub fn with_ledger_index_batch(mut self, movements: u64) -> Self {
+        self.ledger_index_batch = movements.max(1);
+        self
+    }
 }
 
 impl Default for SqliteConfig {
@@ -122,6 +141,7 @@ impl Default for SqliteConfig {
             durability: Durability::Full,
             busy_timeout: Duration::from_secs(10),
             read_pool_size: 4,
+            ledger_index_batch: 16_384,
         }
     }
 }
@@ -383,7 +403,13 @@ impl SqliteStore {
             .map_err(sql_err)?;
         log::debug!("sqlite: opened {target} ({config:?})");
         Ok(SqliteStore {
-            writer: group::GroupWriter::new(writer, page_size, wal_sync, checkpointer),
+            writer: group::GroupWriter::new(
+                writer,
+                page_size,
+                wal_sync,
+                checkpointer,
+                config.ledger_index_batch,
+            ),
             readers,
             location,
             config,
@@ -714,11 +740,24 @@ impl StockRead for SqliteTx<'_> {
             .after
             .map_or((i64::MIN, i64::MIN), |(t, id)| (time_db(t), id));
         self.all(
-            "SELECT id, at, product_id, size, kind, available_delta, reserved_delta, \
-             sold_delta, order_id, payment_hash, reference FROM stock_movements \
-             WHERE product_id = ?1 AND (?2 IS NULL OR size = ?2) AND at >= ?3 AND at < ?4 \
-               AND (at, id) > (?5, ?6) \
-             ORDER BY at, id LIMIT ?7",
+            // The indexed movements through `ledger_by_product`, the rest by a scan of the
+            // ledger's end (see `ledger_index.rs`).
+            "SELECT m.id, m.at, m.product_id, m.size, m.kind, m.available_delta, \
+             m.reserved_delta, m.sold_delta, m.order_id, m.payment_hash, m.reference \
+             FROM ( \
+               SELECT id FROM ( \
+                 SELECT x.id FROM ledger_by_product x \
+                 WHERE x.product_id = ?1 AND (?2 IS NULL OR x.size = ?2) \
+                   AND x.at >= ?3 AND x.at < ?4 AND (x.at, x.id) > (?5, ?6) \
+                   AND x.id <= (SELECT upto FROM ledger_indexed) \
+                 ORDER BY x.at, x.id LIMIT ?7) \
+               UNION ALL \
+               SELECT id FROM stock_movements \
+               WHERE id > (SELECT upto FROM ledger_indexed) \
+                 AND product_id = ?1 AND (?2 IS NULL OR size = ?2) \
+                 AND at >= ?3 AND at < ?4 AND (at, id) > (?5, ?6) \
+             ) s CROSS JOIN stock_movements m ON m.id = s.id \
+             ORDER BY m.at, m.id LIMIT ?7",
             params![
                 query.product_id.0,
                 query.size,
@@ -777,12 +816,19 @@ impl StockRead for SqliteTx<'_> {
 
     fn kind_totals(&mut self, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<Vec<KindTotal>> {
         self.all(
-            // Product by product through the (product_id, at, id) index: the ledger
-            // keeps no index by time alone, which would cost every movement one more
+            // Product by product through `ledger_by_product`, and the movements not
+            // indexed yet by a scan of the ledger's end (see `ledger_index.rs`): the
+            // ledger keeps no index by time, which would cost every movement one more
             // page write.
             "SELECT m.product_id, m.kind, sum(m.available_delta), sum(m.reserved_delta), \
-             sum(m.sold_delta) FROM products p CROSS JOIN stock_movements m \
-             ON m.product_id = p.id AND m.at >= ?1 AND m.at < ?2 \
+             sum(m.sold_delta) FROM ( \
+               SELECT x.id FROM products p CROSS JOIN ledger_by_product x \
+               ON x.product_id = p.id AND x.at >= ?1 AND x.at < ?2 \
+               WHERE x.id <= (SELECT upto FROM ledger_indexed) \
+               UNION ALL \
+               SELECT id FROM stock_movements \
+               WHERE id > (SELECT upto FROM ledger_indexed) AND at >= ?1 AND at < ?2 \
+             ) s CROSS JOIN stock_movements m ON m.id = s.id \
              GROUP BY m.product_id, m.kind ORDER BY m.product_id, m.kind",
             [time_db(from), time_db(to)],
             |r| {

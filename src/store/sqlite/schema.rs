@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use super::{BACKEND, sql_err};
 
 /// Migration `i` (from 0) brings the schema from version `i` to version `i + 1`: the SQL
-/// migrations, then [`STATUS_CHECKS`].
+/// migrations, then [`STATUS_CHECKS`] (version 5), then [`LEDGER_BY_PRODUCT`] (6).
 const MIGRATIONS: &[&str] = &[
     // 1: products, stock rows, payments and orders.
     "
@@ -212,8 +212,34 @@ const STATUS_CHECKS: &[(&str, &str, &[&str])] = &[
     ),
 ];
 
+/// 6: the ledger's index by product as a table the writer fills in bulk (see
+/// `ledger_index.rs`), in place of an index SQLite writes with every movement. Each
+/// movement then costs one append and no descent to a random leaf of a by-product index;
+/// `ledger_indexed.upto` is the last movement id that `ledger_by_product` holds, and
+/// reads scan the movements after it.
+const LEDGER_BY_PRODUCT: &str = "
+    CREATE TABLE ledger_by_product (
+        product_id INTEGER NOT NULL,
+        at         INTEGER NOT NULL,
+        id         INTEGER NOT NULL,
+        size       TEXT    NOT NULL,
+        PRIMARY KEY (product_id, at, id)
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE ledger_indexed (
+        one  INTEGER PRIMARY KEY CHECK (one = 1),
+        upto INTEGER NOT NULL
+    ) STRICT;
+    INSERT INTO ledger_by_product (product_id, at, id, size)
+    SELECT product_id, at, id, size FROM stock_movements ORDER BY product_id, at, id;
+    INSERT INTO ledger_indexed (one, upto) SELECT 1, coalesce(max(id), 0) FROM stock_movements;
+    DROP INDEX stock_movements_by_product;
+";
+
+/// The schema version the status checks come to (see [`STATUS_CHECKS`]).
+const STATUS_CHECKS_VERSION: i64 = MIGRATIONS.len() as i64 + 1;
+
 /// The schema version this code writes.
-pub(crate) const LATEST: i64 = MIGRATIONS.len() as i64 + 1;
+pub(crate) const LATEST: i64 = STATUS_CHECKS_VERSION + 1;
 
 /// Brings the database to [`LATEST`], in one `IMMEDIATE` transaction, so that two
 /// processes opening a new file at once do not both migrate it. Refuses a database newer
@@ -241,9 +267,13 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {
         log::debug!("sqlite: applying migration {}", i + 1);
         tx.execute_batch(sql).map_err(sql_err)?;
     }
+    if found < STATUS_CHECKS_VERSION {
+        log::debug!("sqlite: applying migration {STATUS_CHECKS_VERSION}");
+        rewrite_status_checks(&tx)?;
+    }
     if found < LATEST {
         log::debug!("sqlite: applying migration {LATEST}");
-        rewrite_status_checks(&tx)?;
+        tx.execute_batch(LEDGER_BY_PRODUCT).map_err(sql_err)?;
     }
     if found < LATEST {
         // PRAGMA takes no parameters; LATEST is a constant of this crate.
