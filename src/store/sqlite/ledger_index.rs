@@ -7,13 +7,13 @@
 //! product in `ledger_by_product` instead, by the writer, in bulk: once
 //! [`SqliteConfig::ledger_index_batch`](super::SqliteConfig::ledger_index_batch)
 //! movements have been appended past the last one indexed (`ledger_indexed.upto`), the
-//! writer reads them (a slice after each commit), sorts them by product and inserts
-//! them a chunk at a time, one short transaction after each commit, then moves `upto`
-//! on. A chunk is [`CHUNK`]
-//! entries, or twice the movements the commit before it appended if that is more, so the
-//! catch-up always outpaces the ledger (a first version with fixed chunks fell behind
-//! 500-line carts, and its backlog grew for as long as they came). Sorted, the new
-//! entries of a product go to its leaf together: one page write for many movements.
+//! writer reads them, a slice after each commit, sorts them by product, inserts them a
+//! chunk per short transaction after each commit, and moves `upto` with the last chunk.
+//! Each slice and chunk is at least [`READ_SLICE`] or [`CHUNK`] entries, and at least
+//! twice the movements the commit before it appended, so the catch-up always outpaces
+//! the ledger (a first version with fixed steps fell behind 500-line carts, and its
+//! backlog grew for as long as they came). Sorted, the new entries of a product go to its
+//! leaf together: one page write for many movements.
 //!
 //! Reads take the movements up to `upto` through `ledger_by_product` and scan the ones
 //! after it, so they are right whatever the index has caught up with: entries inserted
