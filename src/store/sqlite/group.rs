@@ -39,9 +39,10 @@ use crate::store::WriteUnit;
 
 use super::checkpoint::{Checkpointed, Checkpointer, checkpoint};
 use super::ledger_index::LedgerIndexer;
+use super::prepared::WriterConn;
 use super::sync::{WalSync, running_average};
 use super::vfs::FRAME_HEADER;
-use super::{BACKEND, SqliteTx, exec, lock};
+use super::{BACKEND, SqliteTx, lock};
 
 /// The most units one transaction runs.
 const MAX_GROUP: usize = 512;
@@ -132,7 +133,7 @@ struct Job {
 /// The queue of write units and the writer connection they run on.
 pub(crate) struct GroupWriter {
     queue: Mutex<VecDeque<Arc<Mutex<Job>>>>,
-    conn: Mutex<Connection>,
+    conn: Mutex<WriterConn>,
     /// Syncs the WAL after commits ([`Durability::Full`](super::Durability::Full) on a
     /// file); `None` when a commit is as durable as it gets when `COMMIT` returns.
     sync: Option<Arc<WalSync>>,
@@ -195,7 +196,7 @@ impl GroupWriter {
         };
         GroupWriter {
             queue: Mutex::new(VecDeque::new()),
-            conn: Mutex::new(conn),
+            conn: Mutex::new(WriterConn::new(conn)),
             sync,
             checkpointer,
             ledger: Mutex::new(LedgerIndexer::new(ledger_batch)),
@@ -347,7 +348,7 @@ impl GroupWriter {
             let n = jobs.len();
             return (jobs, failed(e, n), None);
         }
-        let mut ran = exec(&conn, "BEGIN IMMEDIATE").and_then(|()| batch.run(&conn));
+        let mut ran = conn.exec("BEGIN IMMEDIATE").and_then(|()| batch.run(&conn));
         if let Some(sync) = &self.sync
             && ran.is_ok()
         {
@@ -369,7 +370,7 @@ impl GroupWriter {
         let n = jobs.len();
         self.last_group.store(n, Ordering::Relaxed);
         if let Err(e) = ran {
-            let _ = exec(&conn, "ROLLBACK");
+            let _ = conn.exec("ROLLBACK");
             return (jobs, failed(e, n), None);
         }
         let Batch {
@@ -377,8 +378,8 @@ impl GroupWriter {
         } = batch;
         // The WAL hook sets it again if this commit writes frames.
         WAL_FRAMES.set(-1);
-        if let Err(e) = exec(&conn, "COMMIT") {
-            let _ = exec(&conn, "ROLLBACK");
+        if let Err(e) = conn.exec("COMMIT") {
+            let _ = conn.exec("ROLLBACK");
             // Nothing of the group is kept: the units that had succeeded fail with the
             // commit's error; refusals keep their own error, which is still true.
             let outcomes = outcomes
@@ -457,7 +458,7 @@ impl GroupWriter {
     /// caller never yields.
     fn gather(
         &self,
-        conn: &Connection,
+        conn: &WriterConn,
         jobs: &mut Vec<Arc<Mutex<Job>>>,
         batch: &mut Batch,
     ) -> Result<()> {
@@ -491,7 +492,7 @@ impl GroupWriter {
     /// leader that waited for them would add that wait to every write.
     fn await_returns(
         &self,
-        conn: &Connection,
+        conn: &WriterConn,
         jobs: &mut Vec<Arc<Mutex<Job>>>,
         batch: &mut Batch,
         sync: &WalSync,
@@ -517,7 +518,7 @@ impl GroupWriter {
     /// whether there were any.
     fn take_in(
         &self,
-        conn: &Connection,
+        conn: &WriterConn,
         jobs: &mut Vec<Arc<Mutex<Job>>>,
         batch: &mut Batch,
     ) -> Result<bool> {
@@ -551,7 +552,7 @@ struct Batch {
 impl Batch {
     /// Runs the units not run yet, in the open transaction. An error here is the
     /// transaction's own, and ends the whole group.
-    fn run(&mut self, conn: &Connection) -> Result<()> {
+    fn run(&mut self, conn: &WriterConn) -> Result<()> {
         while self.outcomes.len() < self.units.len() {
             let i = self.outcomes.len();
             if self.savepoints {
@@ -564,8 +565,8 @@ impl Batch {
             if changed && !matches!(outcome, Ok(Ok(()))) {
                 // Failed after writing: only rolling back undoes it, and the units before
                 // it with it. They run again, each in a savepoint from now on.
-                exec(conn, "ROLLBACK")?;
-                exec(conn, "BEGIN IMMEDIATE")?;
+                conn.exec("ROLLBACK")?;
+                conn.exec("BEGIN IMMEDIATE")?;
                 self.savepoints = true;
                 self.outcomes.clear();
                 self.wrote = false;
@@ -586,20 +587,20 @@ impl Batch {
 
 /// A unit in a savepoint, rolled back alone if it fails; whether it kept a write. An
 /// error here is the savepoint's own.
-fn run_in_savepoint(conn: &Connection, unit: &mut WriteUnit) -> Result<(Outcome, bool)> {
-    exec(conn, "SAVEPOINT unit")?;
+fn run_in_savepoint(conn: &WriterConn, unit: &mut WriteUnit) -> Result<(Outcome, bool)> {
+    conn.exec("SAVEPOINT unit")?;
     let (outcome, mut changed) = run_unit(conn, unit);
     if !matches!(outcome, Ok(Ok(()))) {
-        exec(conn, "ROLLBACK TO unit")?;
+        conn.exec("ROLLBACK TO unit")?;
         changed = false;
     }
-    exec(conn, "RELEASE unit")?;
+    conn.exec("RELEASE unit")?;
     Ok((outcome, changed))
 }
 
 /// Runs a unit, catching its panic; whether it changed any row.
-fn run_unit(conn: &Connection, unit: &mut WriteUnit) -> (Outcome, bool) {
-    let mut tx = SqliteTx::new(conn);
+fn run_unit(conn: &WriterConn, unit: &mut WriteUnit) -> (Outcome, bool) {
+    let mut tx = SqliteTx::on_writer(conn);
     let outcome = panic::catch_unwind(AssertUnwindSafe(|| unit(&mut tx)));
     (outcome, tx.wrote())
 }

@@ -21,11 +21,9 @@
 //! (`OR IGNORE`) by the next catch-up. Two processes may catch up at once: `upto` only
 //! moves forward.
 
-use rusqlite::Connection;
-
 use crate::error::Result;
 
-use super::{exec, sql_err};
+use super::prepared::WriterConn;
 
 /// The fewest index entries one catch-up transaction inserts (more after a commit that
 /// appended more than half as many movements): a pause of about a millisecond for the
@@ -40,6 +38,10 @@ const READ_SLICE: usize = 4_096;
 /// run ahead of its index (at most; fewer with a smaller batch), except right after a
 /// catch-up.
 const LOOK_EVERY: u64 = 16;
+
+/// The insert of one entry.
+const INSERT_ONE: &str =
+    "INSERT OR IGNORE INTO ledger_by_product (product_id, at, id, size) VALUES (?, ?, ?, ?)";
 
 /// One movement's entry: product, time, id, size.
 type Entry = (i64, i64, i64, String);
@@ -80,9 +82,9 @@ impl LedgerIndexer {
     /// Called by the writer after a commit, outside any transaction: inserts the next
     /// chunk of a catch-up in progress, or now and then looks whether one is due. A
     /// failure is logged and the catch-up starts over later; reads stay right meanwhile.
-    pub(crate) fn after_commit(&mut self, conn: &Connection) {
+    pub(crate) fn after_commit(&mut self, conn: &WriterConn) {
         if let Err(e) = self.step(conn) {
-            let _ = exec(conn, "ROLLBACK");
+            let _ = conn.exec("ROLLBACK");
             self.pending = Vec::new();
             self.next = 0;
             self.read = self.target;
@@ -90,7 +92,7 @@ impl LedgerIndexer {
         }
     }
 
-    fn step(&mut self, conn: &Connection) -> Result<()> {
+    fn step(&mut self, conn: &WriterConn) -> Result<()> {
         let catching_up = self.read < self.target || self.next < self.pending.len();
         if catching_up {
             // Outpace the ledger: twice what the last commit appended, at least.
@@ -126,25 +128,24 @@ impl LedgerIndexer {
     }
 
     /// Reads the next `size` movements to index; once all are read, sorts them.
-    fn read_slice(&mut self, conn: &Connection, size: usize) -> Result<()> {
+    fn read_slice(&mut self, conn: &WriterConn, size: usize) -> Result<()> {
         let to = self.target.min(
             self.read
                 .saturating_add(i64::try_from(size).unwrap_or(i64::MAX)),
         );
-        let mut select = conn
-            .prepare_cached(
-                "SELECT product_id, at, id, size FROM stock_movements \
-                 WHERE id > ?1 AND id <= ?2",
-            )
-            .map_err(sql_err)?;
-        let rows = select
-            .query_map([self.read, to], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-            })
-            .map_err(sql_err)?;
-        for row in rows {
-            self.pending.push(row.map_err(sql_err)?);
-        }
+        let pending = &mut self.pending;
+        conn.with(
+            "SELECT product_id, at, id, size FROM stock_movements WHERE id > ?1 AND id <= ?2",
+            |select| {
+                let rows = select.query_map([self.read, to], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })?;
+                for row in rows {
+                    pending.push(row?);
+                }
+                Ok(())
+            },
+        )?;
         self.read = to;
         if to == self.target {
             self.pending.sort_unstable();
@@ -154,31 +155,19 @@ impl LedgerIndexer {
 
     /// Inserts the next `size` pending entries in one transaction; the last chunk moves
     /// `upto` too.
-    fn insert_chunk(&mut self, conn: &Connection, size: usize) -> Result<()> {
+    fn insert_chunk(&mut self, conn: &WriterConn, size: usize) -> Result<()> {
         let end = (self.next + size).min(self.pending.len());
-        exec(conn, "BEGIN IMMEDIATE")?;
-        {
-            let mut insert = conn
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO ledger_by_product (product_id, at, id, size) \
-                     VALUES (?1, ?2, ?3, ?4)",
-                )
-                .map_err(sql_err)?;
-            for (product, at, id, size) in &self.pending[self.next..end] {
-                insert
-                    .execute(rusqlite::params![product, at, id, size])
-                    .map_err(sql_err)?;
-            }
+        conn.exec("BEGIN IMMEDIATE")?;
+        for entry in &self.pending[self.next..end] {
+            insert_entries(conn, INSERT_ONE, std::slice::from_ref(entry))?;
         }
         let done = end == self.pending.len();
         if done {
-            conn.execute(
-                "UPDATE ledger_indexed SET upto = max(upto, ?1)",
-                [self.target],
-            )
-            .map_err(sql_err)?;
+            conn.with("UPDATE ledger_indexed SET upto = max(upto, ?1)", |update| {
+                update.execute([self.target])
+            })?;
         }
-        exec(conn, "COMMIT")?;
+        conn.exec("COMMIT")?;
         self.next = end;
         if done {
             self.pending = Vec::new();
@@ -191,13 +180,25 @@ impl LedgerIndexer {
     }
 }
 
+/// Runs `sql`, an insert of as many entries as `entries` holds.
+fn insert_entries(conn: &WriterConn, sql: &'static str, entries: &[Entry]) -> Result<()> {
+    conn.with(sql, |insert| {
+        let values = entries
+            .iter()
+            .flat_map(|(product, at, id, size)| [product as &dyn rusqlite::ToSql, at, id, size]);
+        for (i, value) in values.enumerate() {
+            insert.raw_bind_parameter(i + 1, value)?;
+        }
+        insert.raw_execute().map(drop)
+    })
+}
+
 /// `ledger_indexed.upto` and the last movement id: each a descent along the right edge of
 /// a b-tree.
-fn ends(conn: &Connection) -> Result<(i64, i64)> {
-    conn.prepare_cached(
+fn ends(conn: &WriterConn) -> Result<(i64, i64)> {
+    conn.with(
         "SELECT (SELECT upto FROM ledger_indexed), \
          (SELECT coalesce(max(id), 0) FROM stock_movements)",
+        |s| s.query_row([], |r| Ok((r.get(0)?, r.get(1)?))),
     )
-    .and_then(|mut s| s.query_row([], |r| Ok((r.get(0)?, r.get(1)?))))
-    .map_err(sql_err)
 }

@@ -4,6 +4,8 @@ mod checkpoint;
 mod group;
 mod ledger_index;
 mod pcache;
+mod prepared;
+use prepared::WriterConn;
 mod schema;
 mod sync;
 mod vfs;
@@ -477,6 +479,8 @@ impl StockStore for SqliteStore {
 /// inside a read transaction.
 pub(crate) struct SqliteTx<'c> {
     conn: &'c Connection,
+    /// The writer's statements, when this is the writer.
+    writer: Option<&'c WriterConn>,
     /// Whether a statement of this unit changed a row.
     wrote: Cell<bool>,
 }
@@ -485,6 +489,16 @@ impl<'c> SqliteTx<'c> {
     pub(crate) fn new(conn: &'c Connection) -> Self {
         SqliteTx {
             conn,
+            writer: None,
+            wrote: Cell::new(false),
+        }
+    }
+
+    /// A unit's view on the writer: its statements are prepared once.
+    pub(crate) fn on_writer(writer: &'c WriterConn) -> Self {
+        SqliteTx {
+            conn: writer,
+            writer: Some(writer),
             wrote: Cell::new(false),
         }
     }
@@ -576,11 +590,21 @@ fn levels_from_row(row: &Row<'_>, first: usize) -> rusqlite::Result<StockLevels>
     })
 }
 
-const ORDER_COLUMNS: &str = "id, payment_hash, product_id, size, quantity, unit_price, customer_ref, \
-     status, payment_status, created_at, payment_expires_at, paid_at, admin_notes";
+/// The columns [`order_from_row`] reads, in its order (a macro, so that `concat!` builds
+/// each query as one `&'static str`).
+macro_rules! order_columns {
+    () => {
+        "id, payment_hash, product_id, size, quantity, unit_price, customer_ref, status, \
+         payment_status, created_at, payment_expires_at, paid_at, admin_notes"
+    };
+}
 
-const HOLD_COLUMNS: &str =
-    "id, cart_id, product_id, size, quantity, status, created_at, expires_at";
+/// The columns [`hold_from_row`] reads, in its order.
+macro_rules! hold_columns {
+    () => {
+        "id, cart_id, product_id, size, quantity, status, created_at, expires_at"
+    };
+}
 
 fn hold_from_row(row: &Row<'_>) -> rusqlite::Result<Hold> {
     let status: String = row.get(5)?;
@@ -615,33 +639,45 @@ fn order_from_row(row: &Row<'_>) -> rusqlite::Result<Order> {
 }
 
 impl SqliteTx<'_> {
+    /// Runs `f` on the statement of `sql`: the writer's own, or one from the
+    /// connection's cache.
+    fn with<T>(
+        &self,
+        sql: &'static str,
+        f: impl FnOnce(&mut rusqlite::Statement<'_>) -> rusqlite::Result<T>,
+    ) -> Result<T> {
+        match self.writer {
+            Some(writer) => writer.with(sql, f),
+            None => {
+                let mut stmt = self.conn.prepare_cached(sql).map_err(sql_err)?;
+                f(&mut stmt).map_err(sql_err)
+            }
+        }
+    }
+
     /// Every row `sql` returns, mapped.
     fn all<T>(
         &self,
-        sql: &str,
+        sql: &'static str,
         params: impl rusqlite::Params,
         map: impl FnMut(&Row<'_>) -> rusqlite::Result<T>,
     ) -> Result<Vec<T>> {
-        let mut stmt = self.conn.prepare_cached(sql).map_err(sql_err)?;
-        let rows = stmt.query_map(params, map).map_err(sql_err)?;
-        rows.collect::<rusqlite::Result<_>>().map_err(sql_err)
+        self.with(sql, |stmt| stmt.query_map(params, map)?.collect())
     }
 
     /// The one row `sql` returns, if any, mapped.
     fn one<T>(
         &self,
-        sql: &str,
+        sql: &'static str,
         params: impl rusqlite::Params,
         map: impl FnOnce(&Row<'_>) -> rusqlite::Result<T>,
     ) -> Result<Option<T>> {
-        let mut stmt = self.conn.prepare_cached(sql).map_err(sql_err)?;
-        stmt.query_row(params, map).optional().map_err(sql_err)
+        self.with(sql, |stmt| stmt.query_row(params, map).optional())
     }
 
     /// Runs a statement that returns no rows; the number of rows it changed.
-    fn run(&self, sql: &str, params: impl rusqlite::Params) -> Result<usize> {
-        let mut stmt = self.conn.prepare_cached(sql).map_err(sql_err)?;
-        let changed = stmt.execute(params).map_err(sql_err)?;
+    fn run(&self, sql: &'static str, params: impl rusqlite::Params) -> Result<usize> {
+        let changed = self.with(sql, |stmt| stmt.execute(params))?;
         if changed > 0 {
             self.wrote.set(true);
         }
@@ -683,7 +719,7 @@ impl StockRead for SqliteTx<'_> {
 
     fn order(&mut self, id: OrderId) -> Result<Option<Order>> {
         self.one(
-            &format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = ?1"),
+            concat!("SELECT ", order_columns!(), " FROM orders WHERE id = ?1"),
             [id.0],
             order_from_row,
         )
@@ -710,7 +746,11 @@ impl StockRead for SqliteTx<'_> {
 
     fn payment_orders(&mut self, hash: &str) -> Result<Vec<Order>> {
         self.all(
-            &format!("SELECT {ORDER_COLUMNS} FROM orders WHERE payment_hash = ?1 ORDER BY id"),
+            concat!(
+                "SELECT ",
+                order_columns!(),
+                " FROM orders WHERE payment_hash = ?1 ORDER BY id"
+            ),
             [hash],
             order_from_row,
         )
@@ -724,8 +764,10 @@ impl StockRead for SqliteTx<'_> {
     ) -> Result<Vec<Order>> {
         let (after_t, after_id) = after.map_or((i64::MIN, i64::MIN), |(t, id)| (time_db(t), id.0));
         self.all(
-            &format!(
-                "SELECT {ORDER_COLUMNS} FROM orders \
+            concat!(
+                "SELECT ",
+                order_columns!(),
+                " FROM orders \
                  WHERE status = 'under_paying' AND payment_expires_at < ?1 \
                    AND (payment_expires_at, id) > (?2, ?3) \
                  ORDER BY payment_expires_at, id LIMIT ?4"
@@ -843,8 +885,10 @@ impl StockRead for SqliteTx<'_> {
 
     fn cart_holds(&mut self, cart_id: &str) -> Result<Vec<Hold>> {
         self.all(
-            &format!(
-                "SELECT {HOLD_COLUMNS} FROM cart_holds WHERE cart_id = ?1 AND status = 'active' \
+            concat!(
+                "SELECT ",
+                hold_columns!(),
+                " FROM cart_holds WHERE cart_id = ?1 AND status = 'active' \
                  ORDER BY id"
             ),
             [cart_id],
@@ -860,8 +904,10 @@ impl StockRead for SqliteTx<'_> {
     ) -> Result<Vec<Hold>> {
         let (after_t, after_id) = after.map_or((i64::MIN, i64::MIN), |(t, id)| (time_db(t), id.0));
         self.all(
-            &format!(
-                "SELECT {HOLD_COLUMNS} FROM cart_holds \
+            concat!(
+                "SELECT ",
+                hold_columns!(),
+                " FROM cart_holds \
                  WHERE status = 'active' AND expires_at < ?1 AND (expires_at, id) > (?2, ?3) \
                  ORDER BY expires_at, id LIMIT ?4"
             ),
