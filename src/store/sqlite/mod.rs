@@ -5,10 +5,11 @@ mod group;
 mod ledger_index;
 mod pcache;
 mod prepared;
-use prepared::WriterConn;
 mod schema;
 mod sync;
 mod vfs;
+
+use prepared::WriterConn;
 
 pub use group::WriterStats;
 

@@ -2,11 +2,11 @@
 //! life.
 //!
 //! rusqlite's statement cache finds a statement by its SQL text: each use copies the text
-//! into a new key, hashes it twice and moves the statement in and out of a map. Profiled
-//! by callgrind over 30,000 reservations of one caller, that was about a tenth of the
-//! instructions of a reservation, more than the `UPDATE` of its stock row. Every
-//! statement the writer runs is a `&'static str`, so here its address is its key, and
-//! the statement stays where it is.
+//! into a new key, hashes it twice and moves the statement in and out of a map. Counted
+//! by callgrind over 30,000 reservations of one caller, that was about 6,400 of a
+//! reservation's 50,000 instructions, about as many as the `UPDATE` of its stock row.
+//! Every statement the writer runs is a `&'static str`, so here its address is its key,
+//! and the statement stays where it is.
 
 use std::cell::RefCell;
 use std::ops::Deref;
