@@ -39,7 +39,7 @@ use crate::store::WriteUnit;
 
 use super::checkpoint::{Checkpointed, Checkpointer, checkpoint};
 use super::ledger_index::LedgerIndexer;
-use super::prepared::WriterConn;
+use super::prepared::PreparedConn;
 use super::sync::{WalSync, running_average};
 use super::vfs::FRAME_HEADER;
 use super::{BACKEND, SqliteTx, lock};
@@ -133,7 +133,7 @@ struct Job {
 /// The queue of write units and the writer connection they run on.
 pub(crate) struct GroupWriter {
     queue: Mutex<VecDeque<Arc<Mutex<Job>>>>,
-    conn: Mutex<WriterConn>,
+    conn: Mutex<PreparedConn>,
     /// Syncs the WAL after commits ([`Durability::Full`](super::Durability::Full) on a
     /// file); `None` when a commit is as durable as it gets when `COMMIT` returns.
     sync: Option<Arc<WalSync>>,
@@ -196,7 +196,7 @@ impl GroupWriter {
         };
         GroupWriter {
             queue: Mutex::new(VecDeque::new()),
-            conn: Mutex::new(WriterConn::new(conn)),
+            conn: Mutex::new(PreparedConn::new(conn)),
             sync,
             checkpointer,
             ledger: Mutex::new(LedgerIndexer::new(ledger_batch)),
@@ -458,7 +458,7 @@ impl GroupWriter {
     /// caller never yields.
     fn gather(
         &self,
-        conn: &WriterConn,
+        conn: &PreparedConn,
         jobs: &mut Vec<Arc<Mutex<Job>>>,
         batch: &mut Batch,
     ) -> Result<()> {
@@ -492,7 +492,7 @@ impl GroupWriter {
     /// leader that waited for them would add that wait to every write.
     fn await_returns(
         &self,
-        conn: &WriterConn,
+        conn: &PreparedConn,
         jobs: &mut Vec<Arc<Mutex<Job>>>,
         batch: &mut Batch,
         sync: &WalSync,
@@ -518,7 +518,7 @@ impl GroupWriter {
     /// whether there were any.
     fn take_in(
         &self,
-        conn: &WriterConn,
+        conn: &PreparedConn,
         jobs: &mut Vec<Arc<Mutex<Job>>>,
         batch: &mut Batch,
     ) -> Result<bool> {
@@ -552,7 +552,7 @@ struct Batch {
 impl Batch {
     /// Runs the units not run yet, in the open transaction. An error here is the
     /// transaction's own, and ends the whole group.
-    fn run(&mut self, conn: &WriterConn) -> Result<()> {
+    fn run(&mut self, conn: &PreparedConn) -> Result<()> {
         while self.outcomes.len() < self.units.len() {
             let i = self.outcomes.len();
             if self.savepoints {
@@ -587,7 +587,7 @@ impl Batch {
 
 /// A unit in a savepoint, rolled back alone if it fails; whether it kept a write. An
 /// error here is the savepoint's own.
-fn run_in_savepoint(conn: &WriterConn, unit: &mut WriteUnit) -> Result<(Outcome, bool)> {
+fn run_in_savepoint(conn: &PreparedConn, unit: &mut WriteUnit) -> Result<(Outcome, bool)> {
     conn.exec("SAVEPOINT unit")?;
     let (outcome, mut changed) = run_unit(conn, unit);
     if !matches!(outcome, Ok(Ok(()))) {
@@ -599,8 +599,8 @@ fn run_in_savepoint(conn: &WriterConn, unit: &mut WriteUnit) -> Result<(Outcome,
 }
 
 /// Runs a unit, catching its panic; whether it changed any row.
-fn run_unit(conn: &WriterConn, unit: &mut WriteUnit) -> (Outcome, bool) {
-    let mut tx = SqliteTx::on_writer(conn);
+fn run_unit(conn: &PreparedConn, unit: &mut WriteUnit) -> (Outcome, bool) {
+    let mut tx = SqliteTx::new(conn);
     let outcome = panic::catch_unwind(AssertUnwindSafe(|| unit(&mut tx)));
     (outcome, tx.wrote())
 }

@@ -25,7 +25,7 @@ use std::sync::OnceLock;
 
 use crate::error::Result;
 
-use super::prepared::WriterConn;
+use super::prepared::PreparedConn;
 
 /// The fewest index entries one catch-up transaction inserts (more after a commit that
 /// appended more than half as many movements): a pause of about a millisecond for the
@@ -89,7 +89,7 @@ impl LedgerIndexer {
     /// Called by the writer after a commit, outside any transaction: inserts the next
     /// chunk of a catch-up in progress, or now and then looks whether one is due. A
     /// failure is logged and the catch-up starts over later; reads stay right meanwhile.
-    pub(crate) fn after_commit(&mut self, conn: &WriterConn) {
+    pub(crate) fn after_commit(&mut self, conn: &PreparedConn) {
         if let Err(e) = self.step(conn) {
             let _ = conn.exec("ROLLBACK");
             self.pending = Vec::new();
@@ -99,7 +99,7 @@ impl LedgerIndexer {
         }
     }
 
-    fn step(&mut self, conn: &WriterConn) -> Result<()> {
+    fn step(&mut self, conn: &PreparedConn) -> Result<()> {
         let catching_up = self.read < self.target || self.next < self.pending.len();
         if catching_up {
             // Outpace the ledger: twice what the last commit appended, at least.
@@ -135,7 +135,7 @@ impl LedgerIndexer {
     }
 
     /// Reads the next `size` movements to index; once all are read, sorts them.
-    fn read_slice(&mut self, conn: &WriterConn, size: usize) -> Result<()> {
+    fn read_slice(&mut self, conn: &PreparedConn, size: usize) -> Result<()> {
         let to = self.target.min(
             self.read
                 .saturating_add(i64::try_from(size).unwrap_or(i64::MAX)),
@@ -162,7 +162,7 @@ impl LedgerIndexer {
 
     /// Inserts the next `size` pending entries in one transaction; the last chunk moves
     /// `upto` too.
-    fn insert_chunk(&mut self, conn: &WriterConn, size: usize) -> Result<()> {
+    fn insert_chunk(&mut self, conn: &PreparedConn, size: usize) -> Result<()> {
         let end = (self.next + size).min(self.pending.len());
         conn.exec("BEGIN IMMEDIATE")?;
         let mut rows = self.pending[self.next..end].chunks_exact(ROWS_PER_INSERT);
@@ -192,7 +192,7 @@ impl LedgerIndexer {
 }
 
 /// Runs `sql`, an insert of as many entries as `entries` holds.
-fn insert_entries(conn: &WriterConn, sql: &'static str, entries: &[Entry]) -> Result<()> {
+fn insert_entries(conn: &PreparedConn, sql: &'static str, entries: &[Entry]) -> Result<()> {
     conn.with(sql, |insert| {
         let values = entries
             .iter()
@@ -215,7 +215,7 @@ fn insert_many() -> &'static str {
 
 /// `ledger_indexed.upto` and the last movement id: each a descent along the right edge of
 /// a b-tree.
-fn ends(conn: &WriterConn) -> Result<(i64, i64)> {
+fn ends(conn: &PreparedConn) -> Result<(i64, i64)> {
     conn.with(
         "SELECT (SELECT upto FROM ledger_indexed), \
          (SELECT coalesce(max(id), 0) FROM stock_movements)",

@@ -9,7 +9,7 @@ mod schema;
 mod sync;
 mod vfs;
 
-use prepared::WriterConn;
+use prepared::{PreparedConn, PreparedManager};
 
 pub use group::WriterStats;
 
@@ -193,7 +193,7 @@ impl Default for SqliteConfig {
 /// ```
 pub struct SqliteStore {
     writer: group::GroupWriter,
-    readers: r2d2::Pool<SqliteConnectionManager>,
+    readers: r2d2::Pool<PreparedManager>,
     location: Location,
     config: SqliteConfig,
 }
@@ -369,7 +369,7 @@ impl SqliteStore {
         let readers = r2d2::Pool::builder()
             .max_size(config.read_pool_size.max(1))
             .min_idle(Some(0))
-            .build(manager)
+            .build(PreparedManager(manager))
             .map_err(|e| Error::storage(BACKEND, e))?;
 
         // Under FULL the store syncs the WAL itself after each commit (see `sync.rs`).
@@ -449,14 +449,6 @@ fn retry_busy<T>(timeout: Duration, mut step: impl FnMut() -> Result<T>) -> Resu
     }
 }
 
-/// Runs `sql` (cached) on `conn`, ignoring rows.
-pub(crate) fn exec(conn: &Connection, sql: &str) -> Result<()> {
-    conn.prepare_cached(sql)
-        .and_then(|mut s| s.execute([]))
-        .map(drop)
-        .map_err(sql_err)
-}
-
 impl StockStore for SqliteStore {
     fn backend(&self) -> &'static str {
         BACKEND
@@ -468,10 +460,10 @@ impl StockStore for SqliteStore {
 
     fn read(&self, unit: ReadUnit<'_>) -> Result<()> {
         let conn = self.readers.get().map_err(|e| Error::storage(BACKEND, e))?;
-        exec(&conn, "BEGIN")?;
+        conn.exec("BEGIN")?;
         let outcome = unit(&mut SqliteTx::new(&conn));
         // A read transaction has nothing to keep; end it whatever the outcome.
-        let end = exec(&conn, "ROLLBACK");
+        let end = conn.exec("ROLLBACK");
         outcome.and(end)
     }
 }
@@ -479,27 +471,15 @@ impl StockStore for SqliteStore {
 /// A unit's view of the database: the writer inside `BEGIN IMMEDIATE`, or a pooled reader
 /// inside a read transaction.
 pub(crate) struct SqliteTx<'c> {
-    conn: &'c Connection,
-    /// The writer's statements, when this is the writer.
-    writer: Option<&'c WriterConn>,
+    conn: &'c PreparedConn,
     /// Whether a statement of this unit changed a row.
     wrote: Cell<bool>,
 }
 
 impl<'c> SqliteTx<'c> {
-    pub(crate) fn new(conn: &'c Connection) -> Self {
+    pub(crate) fn new(conn: &'c PreparedConn) -> Self {
         SqliteTx {
             conn,
-            writer: None,
-            wrote: Cell::new(false),
-        }
-    }
-
-    /// A unit's view on the writer: its statements are prepared once.
-    pub(crate) fn on_writer(writer: &'c WriterConn) -> Self {
-        SqliteTx {
-            conn: writer,
-            writer: Some(writer),
             wrote: Cell::new(false),
         }
     }
@@ -640,22 +620,6 @@ fn order_from_row(row: &Row<'_>) -> rusqlite::Result<Order> {
 }
 
 impl SqliteTx<'_> {
-    /// Runs `f` on the statement of `sql`: the writer's own, or one from the
-    /// connection's cache.
-    fn with<T>(
-        &self,
-        sql: &'static str,
-        f: impl FnOnce(&mut rusqlite::Statement<'_>) -> rusqlite::Result<T>,
-    ) -> Result<T> {
-        match self.writer {
-            Some(writer) => writer.with(sql, f),
-            None => {
-                let mut stmt = self.conn.prepare_cached(sql).map_err(sql_err)?;
-                f(&mut stmt).map_err(sql_err)
-            }
-        }
-    }
-
     /// Every row `sql` returns, mapped.
     fn all<T>(
         &self,
@@ -663,7 +627,8 @@ impl SqliteTx<'_> {
         params: impl rusqlite::Params,
         map: impl FnMut(&Row<'_>) -> rusqlite::Result<T>,
     ) -> Result<Vec<T>> {
-        self.with(sql, |stmt| stmt.query_map(params, map)?.collect())
+        self.conn
+            .with(sql, |stmt| stmt.query_map(params, map)?.collect())
     }
 
     /// The one row `sql` returns, if any, mapped.
@@ -673,12 +638,13 @@ impl SqliteTx<'_> {
         params: impl rusqlite::Params,
         map: impl FnOnce(&Row<'_>) -> rusqlite::Result<T>,
     ) -> Result<Option<T>> {
-        self.with(sql, |stmt| stmt.query_row(params, map).optional())
+        self.conn
+            .with(sql, |stmt| stmt.query_row(params, map).optional())
     }
 
     /// Runs a statement that returns no rows; the number of rows it changed.
     fn run(&self, sql: &'static str, params: impl rusqlite::Params) -> Result<usize> {
-        let changed = self.with(sql, |stmt| stmt.execute(params))?;
+        let changed = self.conn.with(sql, |stmt| stmt.execute(params))?;
         if changed > 0 {
             self.wrote.set(true);
         }
