@@ -1047,31 +1047,34 @@ impl StockTx for SqliteTx<'_> {
 
     fn insert_movements(&mut self, movements: &[NewMovement]) -> Result<()> {
         // Up to MOVEMENTS_PER_INSERT rows per statement: one statement step instead of
-        // one per row, and a handful of cached statements (one per row count).
+        // one per row, and a handful of statements (one per row count). The values are
+        // bound one by one, with nothing allocated for them.
         for chunk in movements.chunks(MOVEMENTS_PER_INSERT) {
-            let ats: Vec<i64> = chunk.iter().map(|m| time_db(m.at)).collect();
-            let orders: Vec<Option<i64>> = chunk.iter().map(|m| m.order_id.map(|o| o.0)).collect();
-            let kinds: Vec<&str> = chunk.iter().map(|m| m.kind.as_str()).collect();
-            let sizes: Vec<&str> = chunk.iter().map(|m| size_db(m.size.as_deref())).collect();
-            let mut values: Vec<&dyn ToSql> = Vec::with_capacity(chunk.len() * 10);
-            for (i, m) in chunk.iter().enumerate() {
-                values.extend_from_slice(&[
-                    &ats[i],
-                    &m.product_id.0,
-                    &sizes[i],
-                    &kinds[i],
-                    &m.delta.available,
-                    &m.delta.reserved,
-                    &m.delta.sold,
-                    &orders[i],
-                    &m.payment_hash,
-                    &m.reference,
-                ]);
+            let changed = self
+                .conn
+                .with(insert_movements_sql(chunk.len()), |insert| {
+                    let mut index = 0;
+                    let mut bind = |value: &dyn ToSql| {
+                        index += 1;
+                        insert.raw_bind_parameter(index, value)
+                    };
+                    for m in chunk {
+                        bind(&time_db(m.at))?;
+                        bind(&m.product_id.0)?;
+                        bind(&size_db(m.size.as_deref()))?;
+                        bind(&m.kind.as_str())?;
+                        bind(&m.delta.available)?;
+                        bind(&m.delta.reserved)?;
+                        bind(&m.delta.sold)?;
+                        bind(&m.order_id.map(|o| o.0))?;
+                        bind(&m.payment_hash)?;
+                        bind(&m.reference)?;
+                    }
+                    insert.raw_execute()
+                })?;
+            if changed > 0 {
+                self.wrote.set(true);
             }
-            self.run(
-                insert_movements_sql(chunk.len()),
-                rusqlite::params_from_iter(values),
-            )?;
         }
         Ok(())
     }
