@@ -92,8 +92,7 @@ impl LedgerIndexer {
     pub(crate) fn after_commit(&mut self, conn: &PreparedConn) {
         if let Err(e) = self.step(conn) {
             let _ = conn.exec("ROLLBACK");
-            self.pending = Vec::new();
-            self.next = 0;
+            self.clear();
             self.read = self.target;
             log::warn!("sqlite: indexing the ledger by product failed, will retry: {e}");
         }
@@ -124,8 +123,7 @@ impl LedgerIndexer {
         self.target = last.min(upto.saturating_add(self.batch.saturating_mul(4)));
         self.read = upto;
         self.last = last;
-        self.pending = Vec::new();
-        self.next = 0;
+        self.clear();
         log::debug!(
             "sqlite: indexing ledger movements {} to {} by product",
             upto + 1,
@@ -181,13 +179,18 @@ impl LedgerIndexer {
         conn.exec("COMMIT")?;
         self.next = end;
         if done {
-            self.pending = Vec::new();
-            self.next = 0;
+            self.clear();
             // Look again at the next commit: what came during this catch-up may make
             // another batch already.
             self.commits = self.look_every - 1;
         }
         Ok(())
+    }
+
+    /// Forgets the entries of a catch-up, and the memory they took.
+    fn clear(&mut self) {
+        self.pending = Vec::new();
+        self.next = 0;
     }
 }
 

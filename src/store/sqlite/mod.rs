@@ -644,7 +644,17 @@ impl SqliteTx<'_> {
 
     /// Runs a statement that returns no rows; the number of rows it changed.
     fn run(&self, sql: &'static str, params: impl rusqlite::Params) -> Result<usize> {
-        let changed = self.conn.with(sql, |stmt| stmt.execute(params))?;
+        self.run_with(sql, |stmt| stmt.execute(params))
+    }
+
+    /// Runs `execute`, which binds and runs the statement of `sql` and returns the number
+    /// of rows it changed.
+    fn run_with(
+        &self,
+        sql: &'static str,
+        execute: impl FnOnce(&mut rusqlite::Statement<'_>) -> rusqlite::Result<usize>,
+    ) -> Result<usize> {
+        let changed = self.conn.with(sql, execute)?;
         if changed > 0 {
             self.wrote.set(true);
         }
@@ -1050,31 +1060,26 @@ impl StockTx for SqliteTx<'_> {
         // one per row, and a handful of statements (one per row count). The values are
         // bound one by one, with nothing allocated for them.
         for chunk in movements.chunks(MOVEMENTS_PER_INSERT) {
-            let changed = self
-                .conn
-                .with(insert_movements_sql(chunk.len()), |insert| {
-                    let mut index = 0;
-                    let mut bind = |value: &dyn ToSql| {
-                        index += 1;
-                        insert.raw_bind_parameter(index, value)
-                    };
-                    for m in chunk {
-                        bind(&time_db(m.at))?;
-                        bind(&m.product_id.0)?;
-                        bind(&size_db(m.size.as_deref()))?;
-                        bind(&m.kind.as_str())?;
-                        bind(&m.delta.available)?;
-                        bind(&m.delta.reserved)?;
-                        bind(&m.delta.sold)?;
-                        bind(&m.order_id.map(|o| o.0))?;
-                        bind(&m.payment_hash)?;
-                        bind(&m.reference)?;
-                    }
-                    insert.raw_execute()
-                })?;
-            if changed > 0 {
-                self.wrote.set(true);
-            }
+            self.run_with(insert_movements_sql(chunk.len()), |insert| {
+                let mut index = 0;
+                let mut bind = |value: &dyn ToSql| {
+                    index += 1;
+                    insert.raw_bind_parameter(index, value)
+                };
+                for m in chunk {
+                    bind(&time_db(m.at))?;
+                    bind(&m.product_id.0)?;
+                    bind(&size_db(m.size.as_deref()))?;
+                    bind(&m.kind.as_str())?;
+                    bind(&m.delta.available)?;
+                    bind(&m.delta.reserved)?;
+                    bind(&m.delta.sold)?;
+                    bind(&m.order_id.map(|o| o.0))?;
+                    bind(&m.payment_hash)?;
+                    bind(&m.reference)?;
+                }
+                insert.raw_execute()
+            })?;
         }
         Ok(())
     }

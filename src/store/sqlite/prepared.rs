@@ -86,8 +86,8 @@ impl Deref for PreparedConn {
     }
 }
 
-/// The readers' pool hands out [`PreparedConn`]s: connections that `inner` opens and
-/// sets up, with their statements kept.
+/// The readers' pool hands out [`PreparedConn`]s: connections that the wrapped manager
+/// opens and sets up, with their statements kept.
 #[derive(Debug)]
 pub(crate) struct PreparedManager(pub(crate) SqliteConnectionManager);
 
