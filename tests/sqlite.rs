@@ -74,7 +74,7 @@ fn a_new_file_is_migrated_to_the_latest_schema_in_wal_mode() {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 6);
+    assert_eq!(version, 7);
     let mode: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .unwrap();
@@ -90,8 +90,8 @@ fn a_new_file_is_migrated_to_the_latest_schema_in_wal_mode() {
         tables,
         [
             "cart_holds",
-            "ledger_by_product",
             "ledger_indexed",
+            "ledger_packs",
             "orders",
             "payments",
             "products",
@@ -112,7 +112,7 @@ fn a_database_from_a_newer_version_is_refused() {
         .execute_batch("PRAGMA user_version = 99")
         .unwrap();
     match SqliteStore::open(&path) {
-        Err(Error::SchemaTooNew { found, supported }) => assert_eq!((found, supported), (99, 6)),
+        Err(Error::SchemaTooNew { found, supported }) => assert_eq!((found, supported), (99, 7)),
         other => panic!("expected SCHEMA_TOO_NEW, got {other:?}"),
     }
 }
@@ -369,7 +369,7 @@ fn an_older_database_is_migrated_step_by_step_keeping_its_data() {
         .execute_batch(
             "DROP TABLE cart_holds; DROP INDEX orders_awaiting_by_row;
              DROP TABLE stock_counts; DROP TABLE stock_movements;
-             DROP TABLE ledger_by_product; DROP TABLE ledger_indexed;
+             DROP TABLE ledger_packs; DROP TABLE ledger_indexed;
              PRAGMA user_version = 1;",
         )
         .unwrap();
@@ -378,7 +378,7 @@ fn an_older_database_is_migrated_step_by_step_keeping_its_data() {
         .unwrap()
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 6);
+    assert_eq!(version, 7);
     assert_eq!(levels(&stock), (10, 0, 0));
     // The ledger starts from an opening balance, so it adds up from the first day.
     let opening = stock
@@ -731,7 +731,7 @@ fn the_ledger_rebuilt_by_version_4_keeps_its_rows_and_its_rules() {
     // Put back the version-3 table: same rows, the old check.
     let conn = Connection::open(&path).unwrap();
     conn.execute_batch(
-        "DROP TABLE ledger_by_product; DROP TABLE ledger_indexed;
+        "DROP TABLE ledger_packs; DROP TABLE ledger_indexed;
          CREATE TABLE old_rows AS SELECT * FROM stock_movements;
          DROP TABLE stock_movements;
          CREATE TABLE stock_movements (
@@ -770,7 +770,7 @@ fn the_ledger_rebuilt_by_version_4_keeps_its_rows_and_its_rules() {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 6);
+    assert_eq!(version, 7);
     let bad_kind = conn
         .execute(
             "INSERT INTO stock_movements (at, product_id, size, kind, available_delta, \
@@ -843,17 +843,17 @@ const VERSION_4_CHECKS: [(&str, &str, &str); 4] = [
     ),
 ];
 
-/// What version 6 changed, undone: the ledger's index by product back in place of the
-/// table the writer fills in bulk.
-const UNDO_VERSION_6: &str = "DROP TABLE ledger_by_product; DROP TABLE ledger_indexed;
+/// What versions 6 and 7 changed, undone: the ledger's index by product back in place of
+/// the packs the writer fills in bulk.
+const UNDO_VERSIONS_6_AND_7: &str = "DROP TABLE ledger_packs; DROP TABLE ledger_indexed;
      CREATE INDEX stock_movements_by_product ON stock_movements (product_id, at, id);";
 
 /// Replaces, in the file at `path`, each table's text `new` by `old` in its definition
-/// (each must be found once), undoes version 6, and sets the schema version to
+/// (each must be found once), undoes versions 6 and 7, and sets the schema version to
 /// `version` (at most 5).
 fn edit_definitions(path: &std::path::Path, edits: &[(&str, &str, &str)], version: i64) {
     let conn = Connection::open(path).unwrap();
-    conn.execute_batch(UNDO_VERSION_6).unwrap();
+    conn.execute_batch(UNDO_VERSIONS_6_AND_7).unwrap();
     conn.execute_batch("PRAGMA writable_schema = ON").unwrap();
     for (table, new, old) in edits {
         let changed = conn
@@ -933,7 +933,7 @@ fn version_5_rewrites_the_status_checks_in_place() {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 6);
+    assert_eq!(version, 7);
     for sql in updates {
         assert!(
             !opcodes(&conn, sql).iter().any(|op| op == "OpenEphemeral"),
@@ -1047,26 +1047,64 @@ fn ledger_ids(conn: &Connection, product: ProductId) -> Vec<i64> {
         .unwrap()
 }
 
-/// (movements up to `ledger_indexed.upto`, of them those in `ledger_by_product`, entries
-/// of `ledger_by_product`, `upto`).
+/// (movements up to `ledger_indexed.upto`, of them those in `ledger_packs`, entries of
+/// `ledger_packs`, `upto`). Checks each pack on the way: 16 bytes an entry (time and id,
+/// little-endian), at most 48 entries, sorted, its first entry and last time in its
+/// columns.
 fn index_state(conn: &Connection) -> (i64, i64, i64, i64) {
-    conn.query_row(
-        "SELECT (SELECT count(*) FROM stock_movements \
-                 WHERE id <= (SELECT upto FROM ledger_indexed)), \
-                (SELECT count(*) FROM stock_movements m \
-                 WHERE m.id <= (SELECT upto FROM ledger_indexed) AND EXISTS ( \
-                   SELECT 1 FROM ledger_by_product x WHERE x.product_id = m.product_id \
-                   AND x.at = m.at AND x.id = m.id AND x.size = m.size)), \
-                (SELECT count(*) FROM ledger_by_product), \
-                (SELECT upto FROM ledger_indexed)",
-        [],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-    )
-    .unwrap()
+    let upto: i64 = conn
+        .query_row("SELECT upto FROM ledger_indexed", [], |r| r.get(0))
+        .unwrap();
+    let mut packed = std::collections::HashSet::new();
+    let mut entries = 0;
+    let mut packs = conn
+        .prepare("SELECT product_id, size, first_at, first_id, last_at, entries FROM ledger_packs")
+        .unwrap();
+    let mut rows = packs.query([]).unwrap();
+    while let Some(row) = rows.next().unwrap() {
+        let (product, size): (i64, String) = (row.get(0).unwrap(), row.get(1).unwrap());
+        let bytes: Vec<u8> = row.get(5).unwrap();
+        assert_eq!(bytes.len() % 16, 0, "{} bytes", bytes.len());
+        let pack: Vec<(i64, i64)> = bytes
+            .chunks_exact(16)
+            .map(|e| {
+                let (at, id) = e.split_at(8);
+                (
+                    i64::from_le_bytes(at.try_into().unwrap()),
+                    i64::from_le_bytes(id.try_into().unwrap()),
+                )
+            })
+            .collect();
+        assert!((1..=48).contains(&pack.len()), "{} entries", pack.len());
+        assert!(pack.windows(2).all(|w| w[0] < w[1]), "{pack:?}");
+        assert_eq!(pack[0], (row.get(2).unwrap(), row.get(3).unwrap()));
+        assert_eq!(pack[pack.len() - 1].0, row.get::<_, i64>(4).unwrap());
+        entries += pack.len() as i64;
+        packed.extend(
+            pack.into_iter()
+                .map(|(at, id)| (product, size.clone(), at, id)),
+        );
+    }
+    let (mut marked, mut indexed) = (0, 0);
+    let mut movements = conn
+        .prepare("SELECT product_id, size, at, id FROM stock_movements WHERE id <= ?1")
+        .unwrap();
+    let mut rows = movements.query([upto]).unwrap();
+    while let Some(r) = rows.next().unwrap() {
+        let movement = (
+            r.get(0).unwrap(),
+            r.get(1).unwrap(),
+            r.get(2).unwrap(),
+            r.get(3).unwrap(),
+        );
+        marked += 1;
+        indexed += i64::from(packed.contains(&movement));
+    }
+    (marked, indexed, entries, upto)
 }
 
 /// Checks that every movement marked indexed (up to `ledger_indexed.upto`) is in
-/// `ledger_by_product`, a catch-up in progress having perhaps inserted more, and that at
+/// `ledger_packs`, a catch-up in progress having perhaps packed more, and that at
 /// most `behind` of the first `movements` are not marked; returns how many are.
 fn assert_indexed(conn: &Connection, movements: i64, behind: i64) -> i64 {
     let (marked, indexed, entries, upto) = index_state(conn);
@@ -1130,15 +1168,12 @@ fn the_ledger_is_indexed_by_product_in_bulk_and_reads_the_same_at_every_stage() 
     };
     assert_eq!(metrics.overall.units_reserved, 40 + 20 + 400 + 200);
     // A crash in the middle of a catch-up: the last 100 movements not marked indexed,
-    // 30 of them in the index already.
+    // all of them packed already.
     let conn = Connection::open(&path).unwrap();
-    conn.execute_batch(
-        "UPDATE ledger_indexed SET upto = upto - 100;
-         DELETE FROM ledger_by_product WHERE id > (SELECT upto + 30 FROM ledger_indexed);",
-    )
-    .unwrap();
+    conn.execute_batch("UPDATE ledger_indexed SET upto = upto - 100;")
+        .unwrap();
     let (marked, indexed, entries, _) = index_state(&conn);
-    assert_eq!((indexed, entries), (marked, marked + 30));
+    assert_eq!((indexed, entries), (marked, marked + 100));
     // A batch larger than one catch-up transaction's chunk (512 entries) from here on.
     let config = config.with_ledger_index_batch(600);
     let stock = service(SqliteStore::open_with(&path, config).unwrap());
@@ -1146,13 +1181,108 @@ fn the_ledger_is_indexed_by_product_in_bulk_and_reads_the_same_at_every_stage() 
         assert_eq!(&paged_movement_ids(&stock, *p), ids);
     }
     assert_eq!(stock.metrics(from, to).unwrap(), metrics);
-    // The next catch-up indexes what was left, the 30 again without a duplicate, in two
-    // transactions.
+    // The next catch-up indexes what was left in two transactions, the 100 packed twice
+    // and read once.
     reserve(&stock, 700);
     assert_indexed(&conn, 1_143, 600 + 16);
     for p in products {
         assert_eq!(paged_movement_ids(&stock, p), ledger_ids(&conn, p));
     }
+    assert!(stock.verify_ledger().unwrap().is_consistent());
+}
+
+/// Version 7 packs what version 6's `ledger_by_product` holds up to `upto` (the entries
+/// a cut-short catch-up left past it are dropped: reads scan past `upto`), and the reads
+/// give the same movements and metrics before and after.
+#[test]
+fn version_7_packs_the_ledger_index_of_version_6() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v6.db");
+    let shirt = ProductId(2);
+    let from = chrono::Utc::now() - chrono::TimeDelta::hours(1);
+    let to = chrono::Utc::now() + chrono::TimeDelta::hours(1);
+    let config = SqliteConfig::default()
+        .with_durability(Durability::Normal)
+        .with_ledger_index_batch(1 << 40);
+    let (metrics, movements) = {
+        let stock = service(SqliteStore::open_with(&path, config.clone()).unwrap());
+        stock
+            .create_product(NewProduct::plain(MUG, "Mug", 10_000))
+            .unwrap();
+        stock
+            .create_product(NewProduct::sized(shirt, "Shirt", [("S", 500), ("M", 500)]))
+            .unwrap();
+        for i in 0..150 {
+            stock.reserve_stock(MUG, 1, None).unwrap();
+            let size = if i % 3 == 0 { "S" } else { "M" };
+            stock.reserve_stock(shirt, 1, Some(size)).unwrap();
+        }
+        let movements: Vec<Vec<i64>> = [MUG, shirt]
+            .into_iter()
+            .map(|p| paged_movement_ids(&stock, p))
+            .collect();
+        (stock.metrics(from, to).unwrap(), movements)
+    };
+    // What version 6 wrote: every movement up to 250 indexed and marked, 30 more indexed
+    // by a catch-up that did not end.
+    Connection::open(&path)
+        .unwrap()
+        .execute_batch(
+            "DROP TABLE ledger_packs;
+             CREATE TABLE ledger_by_product (
+                 product_id INTEGER NOT NULL,
+                 at         INTEGER NOT NULL,
+                 id         INTEGER NOT NULL,
+                 size       TEXT    NOT NULL,
+                 PRIMARY KEY (product_id, at, id)
+             ) STRICT, WITHOUT ROWID;
+             INSERT INTO ledger_by_product (product_id, at, id, size)
+             SELECT product_id, at, id, size FROM stock_movements WHERE id <= 280;
+             UPDATE ledger_indexed SET upto = 250;
+             PRAGMA user_version = 6;",
+        )
+        .unwrap();
+    let stock = service(SqliteStore::open_with(&path, config).unwrap());
+    let conn = Connection::open(&path).unwrap();
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 7);
+    let old_table: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE name = 'ledger_by_product'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(old_table, 0);
+    // 250 entries: the mug's 125 movements up to 250 in packs of 48 at most, the shirt's
+    // 83 medium and 42 small ones in packs of their own.
+    assert_eq!(index_state(&conn), (250, 250, 250, 250));
+    let packs: Vec<(i64, String, i64)> = conn
+        .prepare(
+            "SELECT product_id, size, length(entries) / 16 FROM ledger_packs \
+             ORDER BY product_id, size, first_at, first_id",
+        )
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let expected = [
+        (1, "", 48),
+        (1, "", 48),
+        (1, "", 29),
+        (2, "M", 48),
+        (2, "M", 35),
+        (2, "S", 42),
+    ];
+    assert_eq!(packs, expected.map(|(p, s, n)| (p, s.to_string(), n)));
+    for (p, ids) in [MUG, shirt].into_iter().zip(&movements) {
+        assert_eq!(&paged_movement_ids(&stock, p), ids);
+        assert_eq!(&ledger_ids(&conn, p), ids);
+    }
+    assert_eq!(stock.metrics(from, to).unwrap(), metrics);
     assert!(stock.verify_ledger().unwrap().is_consistent());
 }
 

@@ -14,6 +14,7 @@ use prepared::{PreparedConn, PreparedManager};
 pub use group::WriterStats;
 
 use std::cell::Cell;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -103,7 +104,7 @@ pub struct SqliteConfig {
     ///
     /// Movements are appended without an index by product; the writer catches up
     /// after its commits, a few hundred entries per short transaction, sorted by product
-    /// so that a product's new entries share one page write. Reading a product's
+    /// and packed up to 48 movements of one product to a row. Reading a product's
     /// movements ([`StockService::movements`](crate::StockService::movements)) or the
     /// metrics ([`StockService::metrics`](crate::StockService::metrics)) scans the
     /// movements not indexed yet: about this many, and up to half as many again while a
@@ -662,6 +663,30 @@ impl SqliteTx<'_> {
     }
 }
 
+impl SqliteTx<'_> {
+    /// The last movement id the ledger's index by product covers (see `ledger_index.rs`).
+    fn indexed_upto(&self) -> Result<i64> {
+        self.conn.with("SELECT upto FROM ledger_indexed", |s| {
+            s.query_row([], |r| r.get(0))
+        })
+    }
+}
+
+/// Sorts `found` (movements as time and id), drops the ones found twice (two catch-ups
+/// that ran at once may have packed a movement twice) and keeps the first `limit`.
+fn first_ones(found: &mut Vec<(i64, i64)>, limit: usize) {
+    found.sort_unstable();
+    found.dedup();
+    found.truncate(limit);
+}
+
+fn indexed_but_missing(id: i64) -> Error {
+    Error::storage(
+        BACKEND,
+        format!("ledger movement {id} is in the index by product but not in the ledger"),
+    )
+}
+
 impl StockRead for SqliteTx<'_> {
     fn product(&mut self, id: ProductId) -> Result<Option<Product>> {
         self.one(
@@ -755,51 +780,94 @@ impl StockRead for SqliteTx<'_> {
     }
 
     fn movements(&mut self, query: &MovementQuery) -> Result<Vec<StockMovement>> {
-        let (after_t, after_id) = query
+        let limit = query.limit;
+        let from = query.from.map_or(i64::MIN, time_db);
+        let to = query.to.map_or(i64::MAX, time_db);
+        let after = query
             .after
             .map_or((i64::MIN, i64::MIN), |(t, id)| (time_db(t), id));
-        self.all(
-            // The indexed movements through `ledger_by_product`, the rest by a scan of the
-            // ledger's end (see `ledger_index.rs`).
-            "SELECT m.id, m.at, m.product_id, m.size, m.kind, m.available_delta, \
-             m.reserved_delta, m.sold_delta, m.order_id, m.payment_hash, m.reference \
-             FROM ( \
-               SELECT id FROM ( \
-                 SELECT x.id FROM ledger_by_product x \
-                 WHERE x.product_id = ?1 AND (?2 IS NULL OR x.size = ?2) \
-                   AND x.at >= ?3 AND x.at < ?4 AND (x.at, x.id) > (?5, ?6) \
-                   AND x.id <= (SELECT upto FROM ledger_indexed) \
-                 ORDER BY x.at, x.id LIMIT ?7) \
-               UNION ALL \
-               SELECT id FROM stock_movements \
-               WHERE id > (SELECT upto FROM ledger_indexed) \
-                 AND product_id = ?1 AND (?2 IS NULL OR size = ?2) \
-                 AND at >= ?3 AND at < ?4 AND (at, id) > (?5, ?6) \
-             ) s CROSS JOIN stock_movements m ON m.id = s.id \
-             ORDER BY m.at, m.id LIMIT ?7",
-            params![
-                query.product_id.0,
-                query.size,
-                query.from.map_or(i64::MIN, time_db),
-                query.to.map_or(i64::MAX, time_db),
-                after_t,
-                after_id,
-                db_limit(query.limit)
-            ],
-            |r| {
-                Ok(StockMovement {
-                    id: r.get(0)?,
-                    at: column_time(r, 1)?,
-                    product_id: ProductId(r.get(2)?),
-                    size: size_from_db(r.get(3)?),
-                    kind: column_kind(r, 4)?,
-                    delta: delta_from_row(r, 5)?,
-                    order_id: r.get::<_, Option<i64>>(8)?.map(OrderId),
-                    payment_hash: r.get(9)?,
-                    reference: r.get(10)?,
-                })
+        let wanted = |entry: (i64, i64)| entry.0 >= from && entry.0 < to && entry > after;
+        if limit == 0 || from >= to {
+            return Ok(Vec::new());
+        }
+        let upto = self.indexed_upto()?;
+        // The indexed movements from the packs, in the order of their first entries: no
+        // entry of a pack comes before its first, so once `limit` movements come before
+        // a pack's first entry, neither it nor any later pack holds one of the first
+        // `limit`. A pack that ends at `lowest` or later begins at most `PACK_SPAN`
+        // before it. Entries past `upto` are a catch-up's that has not ended.
+        let mut found: Vec<(i64, i64)> = Vec::new();
+        self.conn.with(
+            "SELECT first_at, first_id, entries FROM ledger_packs \
+             WHERE product_id = ?1 AND (?2 IS NULL OR size = ?2) \
+               AND first_at >= ?5 AND first_at < ?3 AND last_at >= ?4 \
+             ORDER BY first_at, first_id",
+            |select| {
+                let lowest = from.max(after.0);
+                let earliest = lowest.saturating_sub(ledger_index::PACK_SPAN);
+                let params = params![query.product_id.0, query.size, to, lowest, earliest];
+                let mut packs = select.query(params)?;
+                while let Some(pack) = packs.next()? {
+                    let first: (i64, i64) = (pack.get(0)?, pack.get(1)?);
+                    if found.len() >= limit {
+                        first_ones(&mut found, limit);
+                        if found.len() == limit && first > found[limit - 1] {
+                            break;
+                        }
+                    }
+                    let entries = ledger_index::unpack(pack, 2)?;
+                    found.extend(entries.filter(|&(at, id)| id <= upto && wanted((at, id))));
+                }
+                Ok(())
             },
-        )
+        )?;
+        // The rest by a scan of the ledger's end.
+        self.conn.with(
+            "SELECT at, id FROM stock_movements \
+             WHERE id > ?1 AND product_id = ?2 AND (?3 IS NULL OR size = ?3) \
+               AND at >= ?4 AND at < ?5 AND (at, id) > (?6, ?7)",
+            |select| {
+                let params = params![
+                    upto,
+                    query.product_id.0,
+                    query.size,
+                    from,
+                    to,
+                    after.0,
+                    after.1
+                ];
+                for entry in select.query_map(params, |r| Ok((r.get(0)?, r.get(1)?)))? {
+                    found.push(entry?);
+                }
+                Ok(())
+            },
+        )?;
+        first_ones(&mut found, limit);
+        found
+            .into_iter()
+            .map(|(_, id)| {
+                self.one(
+                    "SELECT id, at, product_id, size, kind, available_delta, reserved_delta, \
+                     sold_delta, order_id, payment_hash, reference FROM stock_movements \
+                     WHERE id = ?1",
+                    [id],
+                    |r| {
+                        Ok(StockMovement {
+                            id: r.get(0)?,
+                            at: column_time(r, 1)?,
+                            product_id: ProductId(r.get(2)?),
+                            size: size_from_db(r.get(3)?),
+                            kind: column_kind(r, 4)?,
+                            delta: delta_from_row(r, 5)?,
+                            order_id: r.get::<_, Option<i64>>(8)?.map(OrderId),
+                            payment_hash: r.get(9)?,
+                            reference: r.get(10)?,
+                        })
+                    },
+                )?
+                .ok_or_else(|| indexed_but_missing(id))
+            })
+            .collect()
     }
 
     fn all_stock(&mut self) -> Result<Vec<StockRow>> {
@@ -834,30 +902,69 @@ impl StockRead for SqliteTx<'_> {
     }
 
     fn kind_totals(&mut self, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<Vec<KindTotal>> {
-        self.all(
-            // Product by product through `ledger_by_product`, and the movements not
-            // indexed yet by a scan of the ledger's end (see `ledger_index.rs`): the
-            // ledger keeps no index by time, which would cost every movement one more
-            // page write.
-            "SELECT m.product_id, m.kind, sum(m.available_delta), sum(m.reserved_delta), \
-             sum(m.sold_delta) FROM ( \
-               SELECT x.id FROM products p CROSS JOIN ledger_by_product x \
-               ON x.product_id = p.id AND x.at >= ?1 AND x.at < ?2 \
-               WHERE x.id <= (SELECT upto FROM ledger_indexed) \
-               UNION ALL \
-               SELECT id FROM stock_movements \
-               WHERE id > (SELECT upto FROM ledger_indexed) AND at >= ?1 AND at < ?2 \
-             ) s CROSS JOIN stock_movements m ON m.id = s.id \
-             GROUP BY m.product_id, m.kind ORDER BY m.product_id, m.kind",
-            [time_db(from), time_db(to)],
-            |r| {
-                Ok(KindTotal {
-                    product_id: ProductId(r.get(0)?),
-                    kind: column_kind(r, 1)?,
-                    delta: delta_from_row(r, 2)?,
-                })
+        let (from, to) = (time_db(from), time_db(to));
+        let upto = self.indexed_upto()?;
+        // The movements of the time range: the indexed ones from the packs that overlap
+        // it, product by product (a pack that ends at `from` or later begins at most
+        // `PACK_SPAN` before it), the rest by a scan of the ledger's end. The ledger
+        // keeps no index by time, which would cost every movement one more page write.
+        let mut ids = Vec::new();
+        self.conn.with(
+            "SELECT x.entries FROM products p CROSS JOIN ledger_packs x \
+             ON x.product_id = p.id AND x.first_at >= ?3 AND x.first_at < ?2 \
+             WHERE x.last_at >= ?1",
+            |select| {
+                let earliest = from.saturating_sub(ledger_index::PACK_SPAN);
+                let mut packs = select.query([from, to, earliest])?;
+                while let Some(pack) = packs.next()? {
+                    let entries = ledger_index::unpack(pack, 0)?;
+                    ids.extend(
+                        entries
+                            .filter(|&(at, id)| id <= upto && at >= from && at < to)
+                            .map(|(_, id)| id),
+                    );
+                }
+                Ok(())
             },
-        )
+        )?;
+        self.conn.with(
+            "SELECT id FROM stock_movements WHERE id > ?1 AND at >= ?2 AND at < ?3",
+            |select| {
+                for id in select.query_map([upto, from, to], |r| r.get(0))? {
+                    ids.push(id?);
+                }
+                Ok(())
+            },
+        )?;
+        // Two catch-ups that ran at once may have packed a movement twice.
+        ids.sort_unstable();
+        ids.dedup();
+        let mut sums: BTreeMap<(ProductId, MovementKind), CounterDelta> = BTreeMap::new();
+        for id in ids {
+            let (key, delta) = self
+                .one(
+                    "SELECT product_id, kind, available_delta, reserved_delta, sold_delta \
+                     FROM stock_movements WHERE id = ?1",
+                    [id],
+                    |r| {
+                        Ok((
+                            (ProductId(r.get(0)?), column_kind(r, 1)?),
+                            delta_from_row(r, 2)?,
+                        ))
+                    },
+                )?
+                .ok_or_else(|| indexed_but_missing(id))?;
+            let sum = sums.entry(key).or_default();
+            *sum = sum.plus(delta);
+        }
+        Ok(sums
+            .into_iter()
+            .map(|((product_id, kind), delta)| KindTotal {
+                product_id,
+                kind,
+                delta,
+            })
+            .collect())
     }
 
     fn cart_holds(&mut self, cart_id: &str) -> Result<Vec<Hold>> {

@@ -6,10 +6,12 @@ use rusqlite::Connection;
 
 use crate::error::{Error, Result};
 
+use super::ledger_index::{Entries, INSERT_PACK};
 use super::{BACKEND, sql_err};
 
 /// Migration `i` (from 0) brings the schema from version `i` to version `i + 1`: the SQL
-/// migrations, then [`STATUS_CHECKS`] (version 5), then [`LEDGER_BY_PRODUCT`] (6).
+/// migrations, then [`STATUS_CHECKS`] (version 5), [`LEDGER_BY_PRODUCT`] (6) and
+/// [`LEDGER_PACKS`] (7).
 const MIGRATIONS: &[&str] = &[
     // 1: products, stock rows, payments and orders.
     "
@@ -235,11 +237,33 @@ const LEDGER_BY_PRODUCT: &str = "
     DROP INDEX stock_movements_by_product;
 ";
 
+/// 7: the ledger's index by product in packs (see `ledger_index.rs`): each row holds up
+/// to 48 movements of one product and size, so a catch-up inserts one row for many
+/// movements instead of one for each. Filled from `ledger_by_product` by
+/// [`pack_ledger_index`].
+const LEDGER_PACKS: &str = "
+    CREATE TABLE ledger_packs (
+        id         INTEGER PRIMARY KEY,
+        product_id INTEGER NOT NULL,
+        size       TEXT    NOT NULL,
+        first_at   INTEGER NOT NULL,
+        first_id   INTEGER NOT NULL,
+        last_at    INTEGER NOT NULL,
+        entries    BLOB    NOT NULL
+    ) STRICT;
+    CREATE INDEX ledger_packs_by_product
+        ON ledger_packs (product_id, first_at, first_id, last_at, size);
+";
+
 /// The schema version the status checks come to (see [`STATUS_CHECKS`]).
 const STATUS_CHECKS_VERSION: i64 = MIGRATIONS.len() as i64 + 1;
 
+/// The schema version that indexes the ledger by product in bulk (see
+/// [`LEDGER_BY_PRODUCT`]).
+const LEDGER_BY_PRODUCT_VERSION: i64 = STATUS_CHECKS_VERSION + 1;
+
 /// The schema version this code writes.
-pub(crate) const LATEST: i64 = STATUS_CHECKS_VERSION + 1;
+pub(crate) const LATEST: i64 = LEDGER_BY_PRODUCT_VERSION + 1;
 
 /// Brings the database to [`LATEST`], in one `IMMEDIATE` transaction, so that two
 /// processes opening a new file at once do not both migrate it. Refuses a database newer
@@ -271,9 +295,13 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {
         log::debug!("sqlite: applying migration {STATUS_CHECKS_VERSION}");
         rewrite_status_checks(&tx)?;
     }
+    if found < LEDGER_BY_PRODUCT_VERSION {
+        log::debug!("sqlite: applying migration {LEDGER_BY_PRODUCT_VERSION}");
+        tx.execute_batch(LEDGER_BY_PRODUCT).map_err(sql_err)?;
+    }
     if found < LATEST {
         log::debug!("sqlite: applying migration {LATEST}");
-        tx.execute_batch(LEDGER_BY_PRODUCT).map_err(sql_err)?;
+        pack_ledger_index(&tx)?;
     }
     if found < LATEST {
         // PRAGMA takes no parameters; LATEST is a constant of this crate.
@@ -282,6 +310,42 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {
         log::info!("sqlite: schema migrated from version {found} to {LATEST}");
     }
     tx.commit().map_err(sql_err)
+}
+
+/// Version 7: creates `ledger_packs` and fills it with the entries of `ledger_by_product`
+/// that `ledger_indexed.upto` covers (those past it, left by a catch-up cut short, the
+/// next catch-up writes again), then drops `ledger_by_product`.
+fn pack_ledger_index(conn: &Connection) -> Result<()> {
+    /// Entries packed at a time: the migration's memory stays bounded whatever the
+    /// ledger's length (a run cut here makes one pack shorter).
+    const AT_A_TIME: usize = 4_096;
+    conn.execute_batch(LEDGER_PACKS).map_err(sql_err)?;
+    let mut select = conn
+        .prepare(
+            "SELECT product_id, size, at, id FROM ledger_by_product \
+             WHERE id <= (SELECT upto FROM ledger_indexed) ORDER BY product_id, at, id",
+        )
+        .map_err(sql_err)?;
+    let mut insert = conn.prepare(INSERT_PACK).map_err(sql_err)?;
+    let mut entries = Entries::default();
+    let mut flush = |entries: &mut Entries| {
+        entries.sort();
+        let packed = entries.insert_packs(0..entries.len(), &mut insert);
+        *entries = Entries::default();
+        packed.map_err(sql_err)
+    };
+    let mut rows = select.query([]).map_err(sql_err)?;
+    while let Some(row) = rows.next().map_err(sql_err)? {
+        entries.push_row(row).map_err(sql_err)?;
+        if entries.len() == AT_A_TIME {
+            flush(&mut entries)?;
+        }
+    }
+    flush(&mut entries)?;
+    drop(rows);
+    drop(select);
+    conn.execute_batch("DROP TABLE ledger_by_product")
+        .map_err(sql_err)
 }
 
 /// `CHECK (status IN ('a', 'b'))` in a table's definition becomes
