@@ -14,11 +14,11 @@
 //! catch-up always outpaces the ledger (a first version with fixed steps fell behind
 //! 500-line carts, and its backlog grew for as long as they came).
 //!
-//! A chunk goes in as packs: one row for up to [`PACK`] movements of one product and
-//! size that sort next to each other, holding their times and ids, with its first entry
-//! and its last time in indexed columns (`ledger_packs_by_product`). One row insert for
-//! many movements: an entry of one row each (until version 7) took about twice the
-//! writer's instructions of a packed one, read and sort included.
+//! A chunk goes in as packs: one row of `ledger_packs` for up to [`PACK`] movements of
+//! one product and size that sort next to each other, holding their times and ids, keyed
+//! by product, first entry and the catch-up's number, its last time beside. One row
+//! insert for many movements: an entry of one row each (until version 7) took about
+//! twice the writer's instructions of a packed one, read and sort included.
 //!
 //! Reads take the movements up to `upto` from the packs and scan the ones after it, so
 //! they are right whatever the index has caught up with. A catch-up cut short by a crash
@@ -30,7 +30,9 @@
 use std::collections::HashMap;
 use std::ops::Range;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+
+use super::BACKEND;
 
 use super::prepared::PreparedConn;
 
@@ -62,7 +64,8 @@ const ENTRY_BYTES: usize = 16;
 
 /// The insert of one pack.
 pub(crate) const INSERT_PACK: &str = "INSERT INTO ledger_packs \
-    (product_id, size, first_at, first_id, last_at, entries) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+    (product_id, first_at, first_id, catch_up, span, size, entries) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
 
 /// Index entries to pack: each movement's product, size, time and id.
 #[derive(Debug, Default)]
@@ -108,12 +111,13 @@ impl Entries {
         self.list.sort_unstable();
     }
 
-    /// Inserts, with `insert` (a statement of [`INSERT_PACK`]), the entries in `range`
-    /// of the sorted list as packs: runs of one product and size, at most [`PACK`]
+    /// Inserts, with `insert` (a statement of [`INSERT_PACK`]) and the number of the
+    /// catch-up (see [`catch_up_id`]), the entries in `range` of the sorted list as packs: runs of one product and size, at most [`PACK`]
     /// entries and [`PACK_SPAN`] each, their times and ids as [`unpack`] reads them.
     pub(crate) fn insert_packs(
         &self,
         range: Range<usize>,
+        catch_up: i64,
         insert: &mut rusqlite::Statement<'_>,
     ) -> rusqlite::Result<()> {
         let mut bytes = Vec::with_capacity(PACK * ENTRY_BYTES);
@@ -133,17 +137,18 @@ impl Entries {
             let pack = &entries[start..start + len];
             start += len;
             bytes.clear();
-            for (_, _, at, id) in pack {
+            for (_, _, at, id) in &pack[1..] {
                 bytes.extend_from_slice(&at.to_le_bytes());
                 bytes.extend_from_slice(&id.to_le_bytes());
             }
-            let last_at = pack[len - 1].2;
+            let span = pack[len - 1].2 - first_at;
             insert.execute(rusqlite::params![
                 product,
-                self.sizes[size],
                 first_at,
                 first_id,
-                last_at,
+                catch_up,
+                span,
+                self.sizes[size],
                 bytes
             ])?;
         }
@@ -167,6 +172,8 @@ pub(crate) struct LedgerIndexer {
     read: i64,
     /// The last movement id at the writer's last step of the catch-up.
     last: i64,
+    /// The catch-up's number in the key of its packs (see [`catch_up_id`]).
+    catch_up: i64,
 }
 
 impl LedgerIndexer {
@@ -181,6 +188,7 @@ impl LedgerIndexer {
             target: 0,
             read: 0,
             last: 0,
+            catch_up: 0,
         }
     }
 
@@ -218,6 +226,7 @@ impl LedgerIndexer {
             return Ok(());
         }
         // At most four batches at once, which bounds the memory a backlog can take.
+        self.catch_up = catch_up_id()?;
         self.target = last.min(upto.saturating_add(self.batch.saturating_mul(4)));
         self.read = upto;
         self.last = last;
@@ -260,7 +269,8 @@ impl LedgerIndexer {
         let end = (self.next + size).min(self.pending.len());
         conn.exec("BEGIN IMMEDIATE")?;
         conn.with(INSERT_PACK, |insert| {
-            self.pending.insert_packs(self.next..end, insert)
+            self.pending
+                .insert_packs(self.next..end, self.catch_up, insert)
         })?;
         let done = end == self.pending.len();
         if done {
@@ -286,30 +296,47 @@ impl LedgerIndexer {
     }
 }
 
-/// The (time, id) entries of the pack in column `idx` of `row`, in the order [`Entries::insert_packs`]
-/// wrote them; an error if they are not a whole number of entries.
+/// The (time, id) entries of the pack whose `first_at, first_id, entries` are the columns
+/// from `idx` of `row`, in the order [`Entries::insert_packs`] wrote them; an error if
+/// they are not a whole number of entries.
 pub(crate) fn unpack<'r>(
     row: &'r rusqlite::Row<'_>,
     idx: usize,
 ) -> rusqlite::Result<impl Iterator<Item = (i64, i64)> + 'r> {
-    let bytes = row.get_ref(idx)?.as_blob()?;
+    let first = (row.get(idx)?, row.get(idx + 1)?);
+    let bytes = row.get_ref(idx + 2)?.as_blob()?;
     if bytes.len() % ENTRY_BYTES != 0 {
         return Err(rusqlite::Error::FromSqlConversionFailure(
-            idx,
+            idx + 2,
             rusqlite::types::Type::Blob,
             format!("a ledger pack of {} bytes is damaged", bytes.len()).into(),
         ));
     }
-    Ok(bytes.chunks_exact(ENTRY_BYTES).map(|entry| {
+    let rest = bytes.chunks_exact(ENTRY_BYTES).map(|entry| {
         let (at, id) = entry.split_at(ENTRY_BYTES / 2);
         (i64_le(at), i64_le(id))
-    }))
+    });
+    Ok(std::iter::once(first).chain(rest))
 }
 
 fn i64_le(bytes: &[u8]) -> i64 {
     let mut le = [0; 8];
     le.copy_from_slice(bytes);
     i64::from_le_bytes(le)
+}
+
+/// A random number for the key of a catch-up's packs, so that packs of two catch-ups
+/// that cover the same movements (one cut short by a crash and the next, or two
+/// processes' at once) do not share a key; reads drop the movements they both hold.
+/// Three random bytes: a pack's row stays about as small as one entry's was, and the
+/// rare pair of catch-ups that draw the same number and begin a pack at the same movement
+/// make the second one's insert fail, which only starts it over.
+pub(crate) fn catch_up_id() -> Result<i64> {
+    let mut bytes = [0; 3];
+    getrandom::fill(&mut bytes).map_err(|e| Error::storage(BACKEND, e.to_string()))?;
+    Ok(i64::from(u32::from_le_bytes([
+        bytes[0], bytes[1], bytes[2], 0,
+    ])))
 }
 
 /// `ledger_indexed.upto` and the last movement id: each a descent along the right edge of
@@ -329,7 +356,7 @@ mod tests {
     use super::*;
 
     /// The packs of `movements` (product, size, time, id), as the rows of `ledger_packs`
-    /// in the order they were inserted, each pack's entries unpacked.
+    /// by product, size and time, each pack's entries unpacked.
     #[allow(clippy::type_complexity)]
     fn packed(
         movements: &[(i64, &str, i64, i64)],
@@ -346,11 +373,13 @@ mod tests {
         }
         entries.sort();
         let mut insert = conn.prepare(INSERT_PACK).unwrap();
-        entries.insert_packs(0..entries.len(), &mut insert).unwrap();
+        entries
+            .insert_packs(0..entries.len(), 1, &mut insert)
+            .unwrap();
         let mut packs = conn
             .prepare(
-                "SELECT product_id, size, first_at, first_id, last_at, entries \
-                 FROM ledger_packs ORDER BY id",
+                "SELECT product_id, size, first_at + span, first_at, first_id, entries \
+                 FROM ledger_packs ORDER BY product_id, size, first_at",
             )
             .unwrap();
         let mut rows = packs.query([]).unwrap();
@@ -359,9 +388,9 @@ mod tests {
             found.push((
                 row.get(0).unwrap(),
                 row.get(1).unwrap(),
-                (row.get(2).unwrap(), row.get(3).unwrap()),
-                row.get(4).unwrap(),
-                unpack(row, 5).unwrap().collect(),
+                (row.get(3).unwrap(), row.get(4).unwrap()),
+                row.get(2).unwrap(),
+                unpack(row, 3).unwrap().collect(),
             ));
         }
         found
@@ -418,9 +447,11 @@ mod tests {
     fn a_pack_that_is_not_whole_entries_is_an_error() {
         let conn = Connection::open_in_memory().unwrap();
         let err = conn
-            .query_row("SELECT x'0102030405060708090a0b0c0d0e0f1011'", [], |r| {
-                unpack(r, 0).map(|entries| entries.count())
-            })
+            .query_row(
+                "SELECT 1, 2, x'0102030405060708090a0b0c0d0e0f1011'",
+                [],
+                |r| unpack(r, 0).map(|entries| entries.count()),
+            )
             .unwrap_err();
         assert!(
             err.to_string()

@@ -800,7 +800,7 @@ impl StockRead for SqliteTx<'_> {
         self.conn.with(
             "SELECT first_at, first_id, entries FROM ledger_packs \
              WHERE product_id = ?1 AND (?2 IS NULL OR size = ?2) \
-               AND first_at >= ?5 AND first_at < ?3 AND last_at >= ?4 \
+               AND first_at >= ?5 AND first_at < ?3 AND first_at + span >= ?4 \
              ORDER BY first_at, first_id",
             |select| {
                 let lowest = from.max(after.0);
@@ -815,7 +815,7 @@ impl StockRead for SqliteTx<'_> {
                             break;
                         }
                     }
-                    let entries = ledger_index::unpack(pack, 2)?;
+                    let entries = ledger_index::unpack(pack, 0)?;
                     found.extend(entries.filter(|&(at, id)| id <= upto && wanted((at, id))));
                 }
                 Ok(())
@@ -910,9 +910,10 @@ impl StockRead for SqliteTx<'_> {
         // keeps no index by time, which would cost every movement one more page write.
         let mut ids = Vec::new();
         self.conn.with(
-            "SELECT x.entries FROM products p CROSS JOIN ledger_packs x \
+            "SELECT x.first_at, x.first_id, x.entries FROM products p \
+             CROSS JOIN ledger_packs x \
              ON x.product_id = p.id AND x.first_at >= ?3 AND x.first_at < ?2 \
-             WHERE x.last_at >= ?1",
+             WHERE x.first_at + x.span >= ?1",
             |select| {
                 let earliest = from.saturating_sub(ledger_index::PACK_SPAN);
                 let mut packs = select.query([from, to, earliest])?;
