@@ -648,6 +648,13 @@ impl SqliteTx<'_> {
         self.run_with(sql, |stmt| stmt.execute(params))
     }
 
+    /// The last movement id the ledger's index by product covers (see `ledger_index.rs`).
+    fn indexed_upto(&self) -> Result<i64> {
+        self.conn.with("SELECT upto FROM ledger_indexed", |s| {
+            s.query_row([], |r| r.get(0))
+        })
+    }
+
     /// Runs `execute`, which binds and runs the statement of `sql` and returns the number
     /// of rows it changed.
     fn run_with(
@@ -660,15 +667,6 @@ impl SqliteTx<'_> {
             self.wrote.set(true);
         }
         Ok(changed)
-    }
-}
-
-impl SqliteTx<'_> {
-    /// The last movement id the ledger's index by product covers (see `ledger_index.rs`).
-    fn indexed_upto(&self) -> Result<i64> {
-        self.conn.with("SELECT upto FROM ledger_indexed", |s| {
-            s.query_row([], |r| r.get(0))
-        })
     }
 }
 

@@ -6,7 +6,7 @@ use rusqlite::Connection;
 
 use crate::error::{Error, Result};
 
-use super::ledger_index::{Entries, INSERT_PACK, catch_up_id};
+use super::ledger_index::{Entries, catch_up_id};
 use super::{BACKEND, sql_err};
 
 /// Migration `i` (from 0) brings the schema from version `i` to version `i + 1`: the SQL
@@ -329,12 +329,13 @@ fn pack_ledger_index(conn: &Connection) -> Result<()> {
              WHERE id <= (SELECT upto FROM ledger_indexed) ORDER BY product_id, at, id",
         )
         .map_err(sql_err)?;
-    let mut insert = conn.prepare(INSERT_PACK).map_err(sql_err)?;
     let catch_up = catch_up_id()?;
     let mut entries = Entries::default();
-    let mut flush = |entries: &mut Entries| {
+    let flush = |entries: &mut Entries| {
         entries.sort();
-        let packed = entries.insert_packs(0..entries.len(), catch_up, &mut insert);
+        let packed = entries.insert_packs(0..entries.len(), catch_up, |sql, params| {
+            conn.prepare_cached(sql)?.execute(params).map(drop)
+        });
         *entries = Entries::default();
         packed.map_err(sql_err)
     };
