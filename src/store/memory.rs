@@ -8,9 +8,9 @@ use chrono::{DateTime, Utc};
 
 use crate::error::{Error, Result};
 use crate::model::{
-    CounterDelta, Hold, HoldId, HoldStatus, KindTotal, MovementKind, MovementQuery, NewHold,
-    NewMovement, NewOrder, Order, OrderId, OrderStatus, Payment, Product, ProductId,
-    StockCountRecord, StockLevels, StockMovement,
+    CounterDelta, Hold, HoldId, HoldStatus, KindTotal, MovementQuery, NewHold, NewMovement,
+    NewOrder, Order, OrderId, OrderStatus, Payment, Product, ProductId, StockCountRecord,
+    StockLevels, StockMovement,
 };
 use crate::store::{LedgerBalance, ReadUnit, StockRead, StockRow, StockStore, StockTx, WriteUnit};
 
@@ -239,24 +239,13 @@ impl StockRead for MemoryTx<'_> {
     }
 
     fn kind_totals(&mut self, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<Vec<KindTotal>> {
-        let mut sums: BTreeMap<(ProductId, MovementKind), CounterDelta> = BTreeMap::new();
-        for m in self
-            .state
-            .movements
-            .iter()
-            .filter(|m| m.at >= from && m.at < to)
-        {
-            let sum = sums.entry((m.product_id, m.kind)).or_default();
-            *sum = sum.plus(m.delta);
-        }
-        Ok(sums
-            .into_iter()
-            .map(|((product_id, kind), delta)| KindTotal {
-                product_id,
-                kind,
-                delta,
-            })
-            .collect())
+        Ok(super::sum_by_kind(
+            self.state
+                .movements
+                .iter()
+                .filter(|m| m.at >= from && m.at < to)
+                .map(|m| ((m.product_id, m.kind), m.delta)),
+        ))
     }
 
     fn cart_holds(&mut self, cart_id: &str) -> Result<Vec<Hold>> {

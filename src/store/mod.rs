@@ -5,6 +5,7 @@
 //! [`StockStore`], [`StockRead`] and [`StockTx`] and runs the conformance suite (feature
 //! `conformance`) against itself.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 
@@ -12,8 +13,9 @@ use chrono::{DateTime, Utc};
 
 use crate::error::{Error, Result};
 use crate::model::{
-    CounterDelta, Hold, HoldId, KindTotal, MovementQuery, NewHold, NewMovement, NewOrder, Order,
-    OrderId, Payment, Product, ProductId, StockCountRecord, StockLevels, StockMovement,
+    CounterDelta, Hold, HoldId, KindTotal, MovementKind, MovementQuery, NewHold, NewMovement,
+    NewOrder, Order, OrderId, Payment, Product, ProductId, StockCountRecord, StockLevels,
+    StockMovement,
 };
 
 /// A stock row with its identity: product, size (`None` for a product without sizes) and
@@ -286,6 +288,25 @@ impl StoreExt for dyn StockStore {
         })?;
         out.ok_or_else(|| Error::storage(self.backend(), "read unit produced no result"))
     }
+}
+
+/// The summed deltas of `movements` (each a product, a kind and a delta) per product and
+/// kind, ordered by both: what [`StockRead::kind_totals`] returns.
+pub(crate) fn sum_by_kind(
+    movements: impl IntoIterator<Item = ((ProductId, MovementKind), CounterDelta)>,
+) -> Vec<KindTotal> {
+    let mut sums: BTreeMap<(ProductId, MovementKind), CounterDelta> = BTreeMap::new();
+    for (key, delta) in movements {
+        let sum = sums.entry(key).or_default();
+        *sum = sum.plus(delta);
+    }
+    sums.into_iter()
+        .map(|((product_id, kind), delta)| KindTotal {
+            product_id,
+            kind,
+            delta,
+        })
+        .collect()
 }
 
 /// Compile-time check that the stores can be shared between threads.

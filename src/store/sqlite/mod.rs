@@ -14,7 +14,6 @@ use prepared::{PreparedConn, PreparedManager};
 pub use group::WriterStats;
 
 use std::cell::Cell;
-use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -938,10 +937,10 @@ impl StockRead for SqliteTx<'_> {
         // Two catch-ups that ran at once may have packed a movement twice.
         ids.sort_unstable();
         ids.dedup();
-        let mut sums: BTreeMap<(ProductId, MovementKind), CounterDelta> = BTreeMap::new();
-        for id in ids {
-            let (key, delta) = self
-                .one(
+        let movements = ids
+            .into_iter()
+            .map(|id| {
+                self.one(
                     "SELECT product_id, kind, available_delta, reserved_delta, sold_delta \
                      FROM stock_movements WHERE id = ?1",
                     [id],
@@ -952,18 +951,10 @@ impl StockRead for SqliteTx<'_> {
                         ))
                     },
                 )?
-                .ok_or_else(|| indexed_but_missing(id))?;
-            let sum = sums.entry(key).or_default();
-            *sum = sum.plus(delta);
-        }
-        Ok(sums
-            .into_iter()
-            .map(|((product_id, kind), delta)| KindTotal {
-                product_id,
-                kind,
-                delta,
+                .ok_or_else(|| indexed_but_missing(id))
             })
-            .collect())
+            .collect::<Result<Vec<_>>>()?;
+        Ok(crate::store::sum_by_kind(movements))
     }
 
     fn cart_holds(&mut self, cart_id: &str) -> Result<Vec<Hold>> {
