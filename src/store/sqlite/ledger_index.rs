@@ -36,7 +36,6 @@ use rusqlite::ToSql;
 use crate::error::{Error, Result};
 
 use super::BACKEND;
-
 use super::prepared::PreparedConn;
 
 /// The fewest index entries one catch-up transaction inserts (more after a commit that

@@ -305,8 +305,6 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {
     if found < LATEST {
         log::debug!("sqlite: applying migration {LATEST}");
         pack_ledger_index(&tx)?;
-    }
-    if found < LATEST {
         // PRAGMA takes no parameters; LATEST is a constant of this crate.
         tx.execute_batch(&format!("PRAGMA user_version = {LATEST}"))
             .map_err(sql_err)?;
