@@ -196,7 +196,7 @@ impl GroupWriter {
         };
         GroupWriter {
             queue: Mutex::new(VecDeque::new()),
-            conn: Mutex::new(PreparedConn::new(conn)),
+            conn: Mutex::new(PreparedConn::writer(conn)),
             sync,
             checkpointer,
             ledger: Mutex::new(LedgerIndexer::new(ledger_batch)),

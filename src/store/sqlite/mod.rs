@@ -5,6 +5,7 @@ mod group;
 mod ledger_index;
 mod pcache;
 mod prepared;
+mod row_cache;
 mod schema;
 mod sync;
 mod vfs;
@@ -700,11 +701,19 @@ impl StockRead for SqliteTx<'_> {
     }
 
     fn stock(&mut self, product: ProductId, size: Option<&str>) -> Result<Option<StockLevels>> {
-        self.one(
+        let size = size_db(size);
+        if let Some(kept) = self.conn.kept_stock(product.0, size) {
+            return Ok(Some(kept));
+        }
+        let levels = self.one(
             "SELECT available, reserved, sold FROM stock WHERE product_id = ?1 AND size = ?2",
-            params![product.0, size_db(size)],
+            params![product.0, size],
             |r| levels_from_row(r, 0),
-        )
+        )?;
+        if let Some(levels) = levels {
+            self.conn.keep_stock(product.0, size, levels);
+        }
+        Ok(levels)
     }
 
     fn product_stock(&mut self, product: ProductId) -> Result<Vec<(Option<String>, StockLevels)>> {
@@ -1051,17 +1060,21 @@ impl StockTx for SqliteTx<'_> {
         size: Option<&str>,
         levels: StockLevels,
     ) -> Result<bool> {
+        let size = size_db(size);
         let n = self.run(
             "INSERT INTO stock (product_id, size, available, reserved, sold) \
              VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (product_id, size) DO NOTHING",
             params![
                 product.0,
-                size_db(size),
+                size,
                 to_db(levels.available)?,
                 to_db(levels.reserved)?,
                 to_db(levels.sold)?
             ],
         )?;
+        if n == 1 {
+            self.conn.keep_stock(product.0, size, levels);
+        }
         Ok(n == 1)
     }
 
@@ -1071,17 +1084,21 @@ impl StockTx for SqliteTx<'_> {
         size: Option<&str>,
         levels: StockLevels,
     ) -> Result<()> {
+        let size = size_db(size);
         let n = self.run(
             "UPDATE stock SET available = ?3, reserved = ?4, sold = ?5 \
              WHERE product_id = ?1 AND size = ?2",
             params![
                 product.0,
-                size_db(size),
+                size,
                 to_db(levels.available)?,
                 to_db(levels.reserved)?,
                 to_db(levels.sold)?
             ],
         )?;
+        if n == 1 {
+            self.conn.keep_stock(product.0, size, levels);
+        }
         expect_one(n, "stock row")
     }
 

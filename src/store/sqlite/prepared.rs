@@ -15,7 +15,9 @@ use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{Connection, Statement};
 
 use crate::error::Result;
+use crate::model::StockLevels;
 
+use super::row_cache::RowCache;
 use super::sql_err;
 
 /// A connection and the statements prepared on it.
@@ -23,6 +25,8 @@ pub(crate) struct PreparedConn {
     /// Each statement with its SQL text's address and length. Declared before `conn`, so
     /// that they are finalized before it closes.
     statements: RefCell<Vec<(usize, usize, Statement<'static>)>>,
+    /// The writer's copies of stock rows (see `row_cache.rs`); `None` on readers.
+    rows: Option<RefCell<RowCache>>,
     /// Boxed: the statements point at it, wherever the `PreparedConn` moves.
     conn: Box<Connection>,
 }
@@ -37,7 +41,17 @@ impl PreparedConn {
     pub(crate) fn new(conn: Connection) -> Self {
         PreparedConn {
             statements: RefCell::new(Vec::new()),
+            rows: None,
             conn: Box::new(conn),
+        }
+    }
+
+    /// The writer's connection: it keeps copies of the stock rows it reads and writes
+    /// (see `row_cache.rs`).
+    pub(crate) fn writer(conn: Connection) -> Self {
+        PreparedConn {
+            rows: Some(RefCell::default()),
+            ..PreparedConn::new(conn)
         }
     }
 
@@ -72,9 +86,27 @@ impl PreparedConn {
         f(&mut statements[i].2).map_err(sql_err)
     }
 
-    /// Runs `sql`, ignoring rows.
+    /// Runs `sql`, ignoring rows. Transactions on the writer begin and end here, which
+    /// its copies of stock rows follow.
     pub(crate) fn exec(&self, sql: &'static str) -> Result<()> {
-        self.with(sql, |s| s.execute([]).map(drop))
+        let done = self.with(sql, |s| s.execute([]).map(drop));
+        if let Some(rows) = &self.rows {
+            rows.borrow_mut().after(&self.conn, sql, done.is_ok());
+        }
+        done
+    }
+
+    /// The writer's copy of a stock row, kept in this transaction (see `row_cache.rs`).
+    pub(crate) fn kept_stock(&self, product: i64, size: &str) -> Option<StockLevels> {
+        let rows = self.rows.as_ref()?;
+        rows.borrow().get(&self.conn, product, size)
+    }
+
+    /// Keeps a copy of a stock row just read or written (on the writer).
+    pub(crate) fn keep_stock(&self, product: i64, size: &str, levels: StockLevels) {
+        if let Some(rows) = &self.rows {
+            rows.borrow_mut().put(product, size, levels);
+        }
     }
 }
 
