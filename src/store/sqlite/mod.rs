@@ -159,6 +159,12 @@ impl Default for SqliteConfig {
 ///   commit; see [`writer_stats`](SqliteStore::writer_stats)); each succeeds or fails on
 ///   its own. Several processes may share one file; they wait for each other up to
 ///   [`SqliteConfig::busy_timeout`].
+/// - The writer keeps a copy of the stock rows it has read or written lately (up to
+///   8,192), so a reservation writes its row without reading it first. The copies are
+///   dropped at every rollback, and whenever SQLite reports, as a transaction begins,
+///   that another connection has written the file since the writer's last commit:
+///   another process, another store, or any SQLite program changing rows behind the
+///   library.
 /// - The file uses the WAL journal, so reads (served by a pool of read-only connections)
 ///   never wait for writers. The writer opens the file through a small VFS of the
 ///   store's own, named `stockroom-wal`, over SQLite's default one: it hands each
