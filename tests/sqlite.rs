@@ -43,7 +43,11 @@ fn wal_bytes(dir: &std::path::Path, name: &str) -> u64 {
 }
 
 fn levels(stock: &StockService) -> (u64, u64, u64) {
-    let i = stock.get_stock_info(MUG, None).unwrap();
+    counters(stock.get_stock_info(MUG, None).unwrap())
+}
+
+/// A row's counters: available, reserved, sold.
+fn counters(i: stockroom::StockInfo) -> (u64, u64, u64) {
     (i.available_quantity, i.reserved_quantity, i.sold_quantity)
 }
 
@@ -306,8 +310,6 @@ fn writes_by_other_connections_between_two_reservations_are_seen() {
     let a = service(SqliteStore::open(&path).unwrap());
     let b = service(SqliteStore::open(&path).unwrap());
     a.create_product(NewProduct::plain(MUG, "Mug", 10)).unwrap();
-    let counters =
-        |i: stockroom::StockInfo| (i.available_quantity, i.reserved_quantity, i.sold_quantity);
     assert_eq!(counters(a.reserve_stock(MUG, 1, None).unwrap()), (9, 1, 0));
     assert_eq!(counters(b.reserve_stock(MUG, 2, None).unwrap()), (7, 3, 0));
     assert_eq!(counters(a.reserve_stock(MUG, 1, None).unwrap()), (6, 4, 0));
