@@ -504,6 +504,41 @@ fn a_panicking_unit_fails_only_its_own_caller() {
     );
 }
 
+/// The writer holds back a stock row's writes until a statement could tell: a unit that
+/// writes its row twice and then lists the product's rows with a query reads its last
+/// counters, and the commit keeps them.
+#[test]
+fn a_query_after_writes_held_back_reads_the_last_counters() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = normal_store(dir.path(), "held.db");
+    let stock = StockService::new(store.clone());
+    stock
+        .create_product(NewProduct::plain(MUG, "Mug", 10))
+        .unwrap();
+    let listed = Arc::new(std::sync::Mutex::new(None));
+    let out = Arc::clone(&listed);
+    store
+        .write(Box::new(move |tx| {
+            let mut row = tx.stock(MUG, None)?.expect("the mug's row");
+            for taken in [3, 2] {
+                row.available -= taken;
+                row.reserved += taken;
+                tx.update_stock(MUG, None, row)?;
+            }
+            *out.lock().unwrap() = Some(tx.product_stock(MUG)?);
+            Ok(())
+        }))
+        .unwrap();
+    let listed = listed.lock().unwrap().take().unwrap();
+    let expected = stockroom::StockLevels {
+        available: 5,
+        reserved: 5,
+        sold: 0,
+    };
+    assert_eq!(listed, vec![(None, expected)]);
+    assert_eq!(levels(&stock), (5, 5, 0));
+}
+
 #[test]
 fn under_normal_durability_the_wal_is_checkpointed_off_the_writers_path() {
     let dir = tempfile::tempdir().unwrap();

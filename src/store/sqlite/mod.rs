@@ -164,7 +164,9 @@ impl Default for SqliteConfig {
 ///   dropped at every rollback, and whenever SQLite reports, as a transaction begins,
 ///   that another connection has written the file since the writer's last commit:
 ///   another process, another store, or any SQLite program changing rows behind the
-///   library.
+///   library. A row that several units of one group write (a hot product) is written to
+///   SQLite once, with its last counters, before the commit or any other statement that
+///   could see the difference.
 /// - The file uses the WAL journal, so reads (served by a pool of read-only connections)
 ///   never wait for writers. The writer opens the file through a small VFS of the
 ///   store's own, named `stockroom-wal`, over SQLite's default one: it hands each
@@ -502,6 +504,20 @@ fn to_db(value: u64) -> Result<i64> {
     i64::try_from(value).map_err(|_| Error::storage(BACKEND, format!("{value} does not fit")))
 }
 
+/// A stock row's counters as stored: available, reserved, sold.
+fn levels_db(levels: StockLevels) -> Result<[i64; 3]> {
+    Ok([
+        to_db(levels.available)?,
+        to_db(levels.reserved)?,
+        to_db(levels.sold)?,
+    ])
+}
+
+/// The write of a stock row's counters, by product and size (one statement, whether a
+/// unit writes the row or the writer writes a row it held back).
+static UPDATE_STOCK: &str = "UPDATE stock SET available = ?3, reserved = ?4, sold = ?5 \
+                             WHERE product_id = ?1 AND size = ?2";
+
 fn size_db(size: Option<&str>) -> &str {
     size.unwrap_or("")
 }
@@ -674,6 +690,20 @@ impl SqliteTx<'_> {
         }
         Ok(changed)
     }
+
+    /// [`SqliteTx::run_with`] for a statement that the stock rows held back cannot change
+    /// (see [`PreparedConn::with_pending`]).
+    fn run_pending_with(
+        &self,
+        sql: &'static str,
+        execute: impl FnOnce(&mut rusqlite::Statement<'_>) -> rusqlite::Result<usize>,
+    ) -> Result<usize> {
+        let changed = self.conn.with_pending(sql, execute)?;
+        if changed > 0 {
+            self.wrote.set(true);
+        }
+        Ok(changed)
+    }
 }
 
 /// Sorts `found` (movements as time and id), drops the ones found twice (two catch-ups
@@ -711,10 +741,13 @@ impl StockRead for SqliteTx<'_> {
         if let Some(kept) = self.conn.kept_stock(product.0, size) {
             return Ok(Some(kept));
         }
-        let levels = self.one(
+        // Not kept, so not held back either: nothing to write before this read.
+        let levels = self.conn.with_pending(
             "SELECT available, reserved, sold FROM stock WHERE product_id = ?1 AND size = ?2",
-            params![product.0, size],
-            |r| levels_from_row(r, 0),
+            |s| {
+                s.query_row(params![product.0, size], |r| levels_from_row(r, 0))
+                    .optional()
+            },
         )?;
         if let Some(levels) = levels {
             self.conn.keep_stock(product.0, size, levels);
@@ -1091,16 +1124,15 @@ impl StockTx for SqliteTx<'_> {
         levels: StockLevels,
     ) -> Result<()> {
         let size = size_db(size);
+        let [available, reserved, sold] = levels_db(levels)?;
+        if self.conn.hold_back_stock(product.0, size, levels) {
+            // Written before the next statement that could tell (see `row_cache.rs`).
+            self.wrote.set(true);
+            return Ok(());
+        }
         let n = self.run(
-            "UPDATE stock SET available = ?3, reserved = ?4, sold = ?5 \
-             WHERE product_id = ?1 AND size = ?2",
-            params![
-                product.0,
-                size,
-                to_db(levels.available)?,
-                to_db(levels.reserved)?,
-                to_db(levels.sold)?
-            ],
+            UPDATE_STOCK,
+            params![product.0, size, available, reserved, sold],
         )?;
         if n == 1 {
             self.conn.keep_stock(product.0, size, levels);
@@ -1180,7 +1212,9 @@ impl StockTx for SqliteTx<'_> {
         // one per row, and a handful of statements (one per row count). The values are
         // bound one by one, with nothing allocated for them.
         for chunk in movements.chunks(MOVEMENTS_PER_INSERT) {
-            self.run_with(insert_movements_sql(chunk.len()), |insert| {
+            // The ledger's foreign key asks only whether the stock row exists, which a
+            // row held back does: the insert runs before the held-back rows are written.
+            self.run_pending_with(insert_movements_sql(chunk.len()), |insert| {
                 let mut index = 0;
                 let mut bind = |value: &dyn ToSql| {
                     index += 1;

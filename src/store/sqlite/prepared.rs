@@ -18,7 +18,7 @@ use crate::error::Result;
 use crate::model::StockLevels;
 
 use super::row_cache::RowCache;
-use super::sql_err;
+use super::{UPDATE_STOCK, expect_one, levels_db, sql_err};
 
 /// A connection and the statements prepared on it.
 pub(crate) struct PreparedConn {
@@ -55,8 +55,26 @@ impl PreparedConn {
         }
     }
 
-    /// Runs `f` on the statement of `sql`, prepared at its first use.
+    /// Runs `f` on the statement of `sql`, prepared at its first use. On the writer, the
+    /// stock rows it has held back are written first (see `row_cache.rs`), unless `sql`
+    /// rolls back.
     pub(crate) fn with<T>(
+        &self,
+        sql: &'static str,
+        f: impl FnOnce(&mut Statement<'_>) -> rusqlite::Result<T>,
+    ) -> Result<T> {
+        if let Some(rows) = &self.rows {
+            let pending = rows.borrow().has_pending();
+            if pending && !sql.starts_with("ROLLBACK") {
+                self.write_pending()?;
+            }
+        }
+        self.with_pending(sql, f)
+    }
+
+    /// [`PreparedConn::with`] for a statement that the stock rows held back cannot
+    /// change: one that reads no stock row kept on this connection and writes none.
+    pub(crate) fn with_pending<T>(
         &self,
         sql: &'static str,
         f: impl FnOnce(&mut Statement<'_>) -> rusqlite::Result<T>,
@@ -107,6 +125,30 @@ impl PreparedConn {
         if let Some(rows) = &self.rows {
             rows.borrow_mut().put(product, size, levels);
         }
+    }
+
+    /// Holds back the write of `levels` to a stock row this transaction keeps a copy of;
+    /// whether it did (if not, the caller writes the row itself).
+    pub(crate) fn hold_back_stock(&self, product: i64, size: &str, levels: StockLevels) -> bool {
+        self.rows
+            .as_ref()
+            .is_some_and(|rows| rows.borrow_mut().hold_back(product, size, levels))
+    }
+
+    /// Writes the stock rows held back.
+    fn write_pending(&self) -> Result<()> {
+        let Some(rows) = &self.rows else {
+            return Ok(());
+        };
+        let pending = rows.borrow_mut().take_pending();
+        for (product, size, levels) in pending {
+            let [available, reserved, sold] = levels_db(levels)?;
+            let changed = self.with_pending(UPDATE_STOCK, |s| {
+                s.execute(rusqlite::params![product, size, available, reserved, sold])
+            })?;
+            expect_one(changed, "stock row")?;
+        }
+        Ok(())
     }
 }
 

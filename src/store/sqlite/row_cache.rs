@@ -25,6 +25,18 @@
 //!   is (a statement that fails changes nothing, and leaves the copy as it was).
 //!
 //! Copies are used only inside a transaction that began this way and is still open.
+//!
+//! The writer also holds back its writes of the rows it keeps until the transaction needs
+//! the table to be right: a stock row written by several units of one group (a hot
+//! product in a flash sale, where most of a group's units write the same row) is
+//! written to SQLite once, with its last counters, instead of once a unit. A row held
+//! back is *pending*. [`PreparedConn`](super::prepared::PreparedConn) writes every
+//! pending row before it runs any statement but the few that cannot see the difference
+//! (the read of a row that is not kept, which is therefore not pending, and the ledger's
+//! insert, whose foreign key asks only whether the row exists), so a commit, a
+//! savepoint, and every other query find the table as if each write had gone straight
+//! in; a rollback, whole or to a savepoint, drops them with the copies. Only rows
+//! already kept are held back (they exist), and at most half the bound at a time.
 
 use std::collections::HashMap;
 use std::ffi::c_uint;
@@ -46,6 +58,11 @@ const MAX_ROWS: usize = 8_192;
 /// The longest size kept, in bytes; rows with longer sizes are read every time.
 const MAX_SIZE: usize = 15;
 
+/// The most rows held back at a time: past it a write goes straight to SQLite. Half the
+/// bound, so that making room for a new copy (which keeps the pending ones) always frees
+/// some.
+const MAX_PENDING: usize = MAX_ROWS / 2;
+
 /// A row's key: its product, and its size's length and bytes (`""` for none, as stored).
 type Key = (i64, u128);
 
@@ -58,6 +75,13 @@ fn key(product: i64, size: &str) -> Option<Key> {
     key[0] = len;
     key[1..=bytes.len()].copy_from_slice(bytes);
     Some((product, u128::from_le_bytes(key)))
+}
+
+/// The size a [`Key`] was made of (its bytes came from a `&str`, so they are UTF-8).
+fn size_of(packed: u128) -> String {
+    let bytes = packed.to_le_bytes();
+    let len = usize::from(bytes[0]).min(MAX_SIZE);
+    String::from_utf8_lossy(&bytes[1..=len]).into_owned()
 }
 
 /// Hashes a [`Key`] with a multiplication a word (the scheme of rustc's FxHash): the keys
@@ -95,10 +119,24 @@ impl Hasher for KeyHasher {
     }
 }
 
+/// A kept copy of a row.
+#[derive(Debug, Clone, Copy)]
+struct Kept {
+    levels: StockLevels,
+    /// Written in this transaction, not yet to SQLite.
+    pending: bool,
+}
+
+/// A row held back, as [`RowCache::take_pending`] hands it over: its product, its size,
+/// and the counters to write.
+pub(crate) type PendingRow = (i64, String, StockLevels);
+
 /// The stock rows of one connection, as this connection last read or wrote them.
 #[derive(Debug, Default)]
 pub(crate) struct RowCache {
-    rows: HashMap<Key, StockLevels, BuildHasherDefault<KeyHasher>>,
+    rows: HashMap<Key, Kept, BuildHasherDefault<KeyHasher>>,
+    /// The keys of the pending rows, each once.
+    pending: Vec<Key>,
     /// The data version this connection's last commit left: the copies hold while the
     /// next transaction starts at the same one.
     valid_at: Option<c_uint>,
@@ -114,7 +152,7 @@ impl RowCache {
             ("BEGIN IMMEDIATE", true) => {
                 let now = data_version(conn);
                 if now.is_none() || now != self.valid_at {
-                    self.rows.clear();
+                    self.forget();
                 }
                 self.open = true;
             }
@@ -123,11 +161,11 @@ impl RowCache {
                 self.open = false;
             }
             ("SAVEPOINT unit" | "RELEASE unit", true) => {}
-            (s, true) if s.starts_with("ROLLBACK TO ") => self.rows.clear(),
+            (s, true) if s.starts_with("ROLLBACK TO ") => self.forget(),
             // A failed commit, any rollback, any other kind of transaction: the copies
             // are not known to hold any more.
             (s, _) if is_transaction(s) => {
-                self.rows.clear();
+                self.forget();
                 self.valid_at = None;
                 self.open = false;
             }
@@ -135,12 +173,18 @@ impl RowCache {
         }
     }
 
+    /// Forgets every copy, and every write held back with them.
+    fn forget(&mut self) {
+        self.rows.clear();
+        self.pending.clear();
+    }
+
     /// The row of `product` and `size` as this transaction last saw it, if kept.
     pub(crate) fn get(&self, conn: &Connection, product: i64, size: &str) -> Option<StockLevels> {
         if !self.open || conn.is_autocommit() {
             return None;
         }
-        self.rows.get(&key(product, size)?).copied()
+        self.rows.get(&key(product, size)?).map(|k| k.levels)
     }
 
     /// Keeps `levels` as the row of `product` and `size`, read or written just now in
@@ -153,9 +197,55 @@ impl RowCache {
             self.rows.reserve(MAX_ROWS);
         }
         if self.rows.len() >= MAX_ROWS && !self.rows.contains_key(&key) {
-            self.rows.clear();
+            // Room is made among the copies that are only copies.
+            self.rows.retain(|_, kept| kept.pending);
         }
-        self.rows.insert(key, levels);
+        self.rows
+            .entry(key)
+            .and_modify(|kept| kept.levels = levels)
+            .or_insert(Kept {
+                levels,
+                pending: false,
+            });
+    }
+
+    /// Holds back the write of `levels` to the row of `product` and `size`, which this
+    /// open transaction keeps a copy of; whether it did (if not, the caller writes it).
+    pub(crate) fn hold_back(&mut self, product: i64, size: &str, levels: StockLevels) -> bool {
+        if !self.open || self.pending.len() >= MAX_PENDING {
+            return false;
+        }
+        let Some(key) = key(product, size) else {
+            return false;
+        };
+        let Some(kept) = self.rows.get_mut(&key) else {
+            return false;
+        };
+        kept.levels = levels;
+        if !kept.pending {
+            kept.pending = true;
+            self.pending.push(key);
+        }
+        true
+    }
+
+    /// Whether any write is held back.
+    pub(crate) fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Hands over the writes held back, in the order they were first held, and counts
+    /// them as written (the caller writes them now).
+    pub(crate) fn take_pending(&mut self) -> Vec<PendingRow> {
+        let mut out = Vec::with_capacity(self.pending.len());
+        for key in self.pending.drain(..) {
+            let Some(kept) = self.rows.get_mut(&key) else {
+                continue;
+            };
+            kept.pending = false;
+            out.push((key.0, size_of(key.1), kept.levels));
+        }
+        out
     }
 }
 
@@ -323,6 +413,77 @@ mod tests {
         assert_eq!(cache.get(&writer, 1, ""), None);
         assert_eq!(cache.get(&writer, 0, "XL"), Some(ROW));
         assert_eq!(cache.rows.capacity(), capacity);
+        exec(&writer, &mut cache, "COMMIT");
+    }
+    #[test]
+    fn writes_held_back_are_handed_over_once_and_rollbacks_drop_them() {
+        let (_dir, writer, _other) = two_connections();
+        let mut cache = RowCache::default();
+        let two = StockLevels::with_available(2);
+        // Outside a transaction nothing is held back.
+        assert!(!cache.hold_back(1, "", two));
+        exec(&writer, &mut cache, "BEGIN IMMEDIATE");
+        // Only a row kept is held back: one not kept might not exist.
+        assert!(!cache.hold_back(1, "", two));
+        cache.put(1, "", ROW);
+        cache.put(2, "XL", ROW);
+        assert!(!cache.has_pending());
+        assert!(cache.hold_back(2, "XL", two));
+        assert!(cache.hold_back(1, "", two));
+        let three = StockLevels::with_available(3);
+        assert!(cache.hold_back(2, "XL", three));
+        assert!(cache.has_pending());
+        // The copy is the last write; each row is handed over once, in the order first
+        // held, with its last counters.
+        assert_eq!(cache.get(&writer, 2, "XL"), Some(three));
+        assert_eq!(
+            cache.take_pending(),
+            vec![(2, "XL".to_string(), three), (1, String::new(), two)]
+        );
+        assert!(!cache.has_pending());
+        assert_eq!(cache.take_pending(), vec![]);
+        assert_eq!(cache.get(&writer, 1, ""), Some(two), "still kept");
+        // A rollback to a savepoint drops what is held back with the copies.
+        exec(&writer, &mut cache, "SAVEPOINT unit");
+        assert!(cache.hold_back(1, "", ROW));
+        exec(&writer, &mut cache, "ROLLBACK TO unit");
+        exec(&writer, &mut cache, "RELEASE unit");
+        assert!(!cache.has_pending());
+        assert_eq!(cache.get(&writer, 1, ""), None);
+        cache.put(1, "", ROW);
+        assert!(cache.hold_back(1, "", two));
+        exec(&writer, &mut cache, "ROLLBACK");
+        assert!(!cache.has_pending());
+        assert!(cache.rows.is_empty());
+    }
+
+    #[test]
+    fn making_room_keeps_the_rows_held_back_and_their_number_is_bounded() {
+        let (_dir, writer, _other) = two_connections();
+        let mut cache = RowCache::default();
+        exec(&writer, &mut cache, "BEGIN IMMEDIATE");
+        for p in 0..MAX_ROWS as i64 {
+            cache.put(p, "", ROW);
+        }
+        let held = StockLevels::with_available(7);
+        for p in 0..MAX_PENDING as i64 {
+            assert!(cache.hold_back(p, "", held), "row {p}");
+        }
+        // The bound: the next write goes straight to SQLite.
+        assert!(!cache.hold_back(MAX_PENDING as i64, "", held));
+        // A copy past the bound drops the copies that are only copies.
+        cache.put(-1, "", ROW);
+        assert_eq!(cache.rows.len(), MAX_PENDING + 1);
+        assert_eq!(cache.get(&writer, 0, ""), Some(held));
+        assert_eq!(cache.get(&writer, MAX_PENDING as i64, ""), None);
+        assert_eq!(cache.get(&writer, -1, ""), Some(ROW));
+        let pending = cache.take_pending();
+        assert_eq!(pending.len(), MAX_PENDING);
+        assert!(
+            pending
+                .iter()
+                .all(|(_, size, levels)| size.is_empty() && *levels == held)
+        );
         exec(&writer, &mut cache, "COMMIT");
     }
 }
