@@ -7,7 +7,8 @@ use std::thread;
 
 use rusqlite::Connection;
 use stockroom::{
-    Durability, Error, NewProduct, ProductId, SqliteConfig, SqliteStore, StockService, StockStore,
+    CounterDelta, Durability, Error, MovementKind, NewMovement, NewProduct, ProductId,
+    SqliteConfig, SqliteStore, StockService, StockStore,
 };
 
 const MUG: ProductId = ProductId(1);
@@ -504,39 +505,163 @@ fn a_panicking_unit_fails_only_its_own_caller() {
     );
 }
 
-/// The writer holds back a stock row's writes until a statement could tell: a unit that
-/// writes its row twice and then lists the product's rows with a query reads its last
-/// counters, and the commit keeps them.
+/// In a shared transaction the writer holds back a stock row's writes, and the ledger's
+/// inserts, until a statement could tell: units that write their row twice with a
+/// movement each and then query the product's rows and the ledger's sums read their own
+/// last counters, and every write is kept exactly once, in order.
 #[test]
-fn a_query_after_writes_held_back_reads_the_last_counters() {
+fn queries_after_writes_held_back_read_the_last_counters() {
     let dir = tempfile::tempdir().unwrap();
     let store = normal_store(dir.path(), "held.db");
     let stock = StockService::new(store.clone());
     stock
-        .create_product(NewProduct::plain(MUG, "Mug", 10))
+        .create_product(NewProduct::plain(MUG, "Mug", 10_000))
         .unwrap();
-    let listed = Arc::new(std::sync::Mutex::new(None));
-    let out = Arc::clone(&listed);
-    store
-        .write(Box::new(move |tx| {
-            let mut row = tx.stock(MUG, None)?.expect("the mug's row");
-            for taken in [3, 2] {
-                row.available -= taken;
-                row.reserved += taken;
-                tx.update_stock(MUG, None, row)?;
-            }
-            *out.lock().unwrap() = Some(tx.product_stock(MUG)?);
-            Ok(())
-        }))
+    let before = store.writer_stats();
+    thread::scope(|scope| {
+        for t in 0..8 {
+            let store = store.clone();
+            scope.spawn(move || {
+                for i in 0..100 {
+                    store
+                        .write(Box::new(move |tx| {
+                            let mut row = tx.stock(MUG, None)?.expect("the mug's row");
+                            for k in 0..2 {
+                                row.available -= 1;
+                                row.reserved += 1;
+                                tx.update_stock(MUG, None, row)?;
+                                tx.insert_movement(&NewMovement {
+                                    at: chrono::Utc::now(),
+                                    product_id: MUG,
+                                    size: None,
+                                    kind: MovementKind::Reserve,
+                                    delta: CounterDelta {
+                                        available: -1,
+                                        reserved: 1,
+                                        sold: 0,
+                                    },
+                                    order_id: None,
+                                    payment_hash: None,
+                                    reference: Some(format!("{t} {i} {k}")),
+                                })?;
+                            }
+                            let listed = tx.product_stock(MUG)?;
+                            let summed = tx.ledger_balances()?;
+                            let sums = CounterDelta {
+                                available: row.available as i64,
+                                reserved: row.reserved as i64,
+                                sold: 0,
+                            };
+                            if listed != vec![(None, row)] || summed != vec![(MUG, None, sums)] {
+                                return Err(Error::InvalidInput {
+                                    reason: format!(
+                                        "wrote {row:?}, listed {listed:?}, summed {summed:?}"
+                                    ),
+                                });
+                            }
+                            Ok(())
+                        }))
+                        .unwrap();
+                }
+            });
+        }
+    });
+    assert_eq!(levels(&stock), (8_400, 1_600, 0));
+    let ledger = stock.verify_ledger().unwrap();
+    assert!(ledger.is_consistent(), "{ledger:?}");
+    // Each thread's movements have ids in the order its units wrote them.
+    let conn = Connection::open(dir.path().join("held.db")).unwrap();
+    let mut statement = conn
+        .prepare("SELECT reference FROM stock_movements WHERE reference IS NOT NULL ORDER BY id")
         .unwrap();
-    let listed = listed.lock().unwrap().take().unwrap();
-    let expected = stockroom::StockLevels {
-        available: 5,
-        reserved: 5,
-        sold: 0,
-    };
-    assert_eq!(listed, vec![(None, expected)]);
-    assert_eq!(levels(&stock), (5, 5, 0));
+    let mut last = [None; 8];
+    let mut count = 0;
+    for reference in statement.query_map([], |r| r.get::<_, String>(0)).unwrap() {
+        let n: Vec<usize> = reference
+            .unwrap()
+            .split(' ')
+            .map(|x| x.parse().unwrap())
+            .collect();
+        let written = Some((n[1], n[2]));
+        assert!(
+            last[n[0]] < written,
+            "thread {}: {:?} after {:?}",
+            n[0],
+            written,
+            last[n[0]]
+        );
+        last[n[0]] = written;
+        count += 1;
+    }
+    assert_eq!(count, 1_600);
+    let stats = store.writer_stats();
+    assert_eq!(stats.units - before.units, 800);
+    assert!(
+        stats.transactions - before.transactions < 800,
+        "no commit was shared, nothing was held back: {stats:?}"
+    );
+}
+
+/// A unit whose ledger movement the foreign key refuses (its stock row does not exist)
+/// fails alone, also in a transaction whose other units' movements are held back: the
+/// writer holds back only movements of rows it knows exist, so no refusal waits for the
+/// commit, where it would fail every unit of the transaction.
+#[test]
+fn a_movement_of_a_missing_row_fails_only_its_own_unit_in_shared_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = normal_store(dir.path(), "missing.db");
+    let stock = StockService::new(store.clone());
+    stock
+        .create_product(NewProduct::plain(MUG, "Mug", 10_000))
+        .unwrap();
+    let before = store.writer_stats();
+    let refused: usize = thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let (store, stock) = (store.clone(), &stock);
+                scope.spawn(move || {
+                    let mut refused = 0;
+                    for i in 0..100 {
+                        if i % 4 != 3 {
+                            stock.reserve_stock(MUG, 1, None).unwrap();
+                            continue;
+                        }
+                        let e = store
+                            .write(Box::new(|tx| {
+                                tx.insert_movement(&NewMovement {
+                                    at: chrono::Utc::now(),
+                                    product_id: ProductId(999),
+                                    size: None,
+                                    kind: MovementKind::Restock,
+                                    delta: CounterDelta {
+                                        available: 1,
+                                        reserved: 0,
+                                        sold: 0,
+                                    },
+                                    order_id: None,
+                                    payment_hash: None,
+                                    reference: None,
+                                })
+                            }))
+                            .unwrap_err();
+                        assert!(e.to_string().contains("FOREIGN KEY"), "{e}");
+                        refused += 1;
+                    }
+                    refused
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).sum()
+    });
+    assert_eq!(refused, 200);
+    assert_eq!(levels(&stock), (9_400, 600, 0));
+    assert!(stock.verify_ledger().unwrap().is_consistent());
+    let stats = store.writer_stats();
+    assert_eq!(stats.units - before.units, 800);
+    assert!(
+        stats.transactions - before.transactions < 800,
+        "no commit was shared: {stats:?}"
+    );
 }
 
 #[test]

@@ -348,12 +348,19 @@ impl GroupWriter {
             let n = jobs.len();
             return (jobs, failed(e, n), None);
         }
+        // Writes are held back (see `row_cache.rs`) only in a transaction that is likely
+        // to be shared, as this group or the last one was: a lone unit gains nothing from
+        // it, and holding costs a few hundred instructions.
+        conn.hold_writes(jobs.len() > 1 || self.last_group.load(Ordering::Relaxed) > 1);
         let mut ran = conn.exec("BEGIN IMMEDIATE").and_then(|()| batch.run(&conn));
         if let Some(sync) = &self.sync
             && ran.is_ok()
         {
+            // What these units held back is written now, while the sync in progress
+            // runs, rather than after it ends, when every step delays the next sync.
+            ran = conn.write_pending();
             let mut queued_before = 0;
-            if batch.units.len() < MAX_GROUP && sync.wait_idle() {
+            if ran.is_ok() && batch.units.len() < MAX_GROUP && sync.wait_idle() {
                 // A sync was running: committing before it ends would only queue another
                 // sync behind it. The callers who queued meanwhile join this transaction,
                 // and the next sync makes them all durable at once.
@@ -508,6 +515,9 @@ impl GroupWriter {
         };
         let started = Instant::now();
         while jobs.len() < target && started.elapsed() < wait {
+            // The writes held back so far are made while the leader waits anyway: left
+            // for the commit, they would all come after the last caller's return.
+            conn.write_pending()?;
             thread::yield_now();
             self.take_in(conn, jobs, batch)?;
         }

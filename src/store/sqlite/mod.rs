@@ -165,8 +165,8 @@ impl Default for SqliteConfig {
 ///   that another connection has written the file since the writer's last commit:
 ///   another process, another store, or any SQLite program changing rows behind the
 ///   library. A row that several units of one group write (a hot product) is written to
-///   SQLite once, with its last counters, before the commit or any other statement that
-///   could see the difference.
+///   SQLite once, with its last counters, and the group's ledger movements a few per
+///   statement, before the commit or any other statement that could see the difference.
 /// - The file uses the WAL journal, so reads (served by a pool of read-only connections)
 ///   never wait for writers. The writer opens the file through a small VFS of the
 ///   store's own, named `stockroom-wal`, over SQLite's default one: it hands each
@@ -690,20 +690,6 @@ impl SqliteTx<'_> {
         }
         Ok(changed)
     }
-
-    /// [`SqliteTx::run_with`] for a statement that the stock rows held back cannot change
-    /// (see [`PreparedConn::with_pending`]).
-    fn run_pending_with(
-        &self,
-        sql: &'static str,
-        execute: impl FnOnce(&mut rusqlite::Statement<'_>) -> rusqlite::Result<usize>,
-    ) -> Result<usize> {
-        let changed = self.conn.with_pending(sql, execute)?;
-        if changed > 0 {
-            self.wrote.set(true);
-        }
-        Ok(changed)
-    }
 }
 
 /// Sorts `found` (movements as time and id), drops the ones found twice (two catch-ups
@@ -1208,33 +1194,15 @@ impl StockTx for SqliteTx<'_> {
     }
 
     fn insert_movements(&mut self, movements: &[NewMovement]) -> Result<()> {
-        // Up to MOVEMENTS_PER_INSERT rows per statement: one statement step instead of
-        // one per row, and a handful of statements (one per row count). The values are
-        // bound one by one, with nothing allocated for them.
-        for chunk in movements.chunks(MOVEMENTS_PER_INSERT) {
-            // The ledger's foreign key asks only whether the stock row exists, which a
-            // row held back does: the insert runs before the held-back rows are written.
-            self.run_pending_with(insert_movements_sql(chunk.len()), |insert| {
-                let mut index = 0;
-                let mut bind = |value: &dyn ToSql| {
-                    index += 1;
-                    insert.raw_bind_parameter(index, value)
-                };
-                for m in chunk {
-                    bind(&time_db(m.at))?;
-                    bind(&m.product_id.0)?;
-                    bind(&size_db(m.size.as_deref()))?;
-                    bind(&m.kind.as_str())?;
-                    bind(&m.delta.available)?;
-                    bind(&m.delta.reserved)?;
-                    bind(&m.delta.sold)?;
-                    bind(&m.order_id.map(|o| o.0))?;
-                    bind(&m.payment_hash)?;
-                    bind(&m.reference)?;
-                }
-                insert.raw_execute()
-            })?;
+        if movements.is_empty() {
+            return Ok(());
         }
+        if !self.conn.hold_back_movements(movements) {
+            // Written after whatever is held back, so that ids keep the units' order.
+            self.conn.write_pending()?;
+            insert_movement_rows(self.conn, movements)?;
+        }
+        self.wrote.set(true);
         Ok(())
     }
 
@@ -1295,6 +1263,39 @@ const MOVEMENTS_PER_INSERT: usize = 8;
 
 /// `INSERT INTO stock_movements ... VALUES (...), (...)` for `rows` rows (1 to
 /// [`MOVEMENTS_PER_INSERT`]), built once.
+/// Inserts `movements` into the ledger, in order, without writing the stock rows held
+/// back first: the ledger's foreign key asks only whether a movement's stock row exists,
+/// which a row held back does (see `row_cache.rs`).
+///
+/// Up to [`MOVEMENTS_PER_INSERT`] rows per statement: one statement step instead of one
+/// per row, and a handful of statements (one per row count). The values are bound one by
+/// one, with nothing allocated for them.
+fn insert_movement_rows(conn: &PreparedConn, movements: &[NewMovement]) -> Result<()> {
+    for chunk in movements.chunks(MOVEMENTS_PER_INSERT) {
+        conn.with_pending(insert_movements_sql(chunk.len()), |insert| {
+            let mut index = 0;
+            let mut bind = |value: &dyn ToSql| {
+                index += 1;
+                insert.raw_bind_parameter(index, value)
+            };
+            for m in chunk {
+                bind(&time_db(m.at))?;
+                bind(&m.product_id.0)?;
+                bind(&size_db(m.size.as_deref()))?;
+                bind(&m.kind.as_str())?;
+                bind(&m.delta.available)?;
+                bind(&m.delta.reserved)?;
+                bind(&m.delta.sold)?;
+                bind(&m.order_id.map(|o| o.0))?;
+                bind(&m.payment_hash)?;
+                bind(&m.reference)?;
+            }
+            insert.raw_execute()
+        })?;
+    }
+    Ok(())
+}
+
 fn insert_movements_sql(rows: usize) -> &'static str {
     static SQL: OnceLock<Vec<String>> = OnceLock::new();
     let all = SQL.get_or_init(|| {

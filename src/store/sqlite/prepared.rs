@@ -15,10 +15,10 @@ use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{Connection, Statement};
 
 use crate::error::Result;
-use crate::model::StockLevels;
+use crate::model::{NewMovement, StockLevels};
 
 use super::row_cache::RowCache;
-use super::{UPDATE_STOCK, expect_one, levels_db, sql_err};
+use super::{UPDATE_STOCK, expect_one, insert_movement_rows, levels_db, sql_err};
 
 /// A connection and the statements prepared on it.
 pub(crate) struct PreparedConn {
@@ -56,24 +56,22 @@ impl PreparedConn {
     }
 
     /// Runs `f` on the statement of `sql`, prepared at its first use. On the writer, the
-    /// stock rows it has held back are written first (see `row_cache.rs`), unless `sql`
-    /// rolls back.
+    /// writes it has held back are made first (see `row_cache.rs`), unless `sql` rolls
+    /// back.
     pub(crate) fn with<T>(
         &self,
         sql: &'static str,
         f: impl FnOnce(&mut Statement<'_>) -> rusqlite::Result<T>,
     ) -> Result<T> {
-        if let Some(rows) = &self.rows {
-            let pending = rows.borrow().has_pending();
-            if pending && !sql.starts_with("ROLLBACK") {
-                self.write_pending()?;
-            }
+        if !sql.starts_with("ROLLBACK") {
+            self.write_pending()?;
         }
         self.with_pending(sql, f)
     }
 
-    /// [`PreparedConn::with`] for a statement that the stock rows held back cannot
-    /// change: one that reads no stock row kept on this connection and writes none.
+    /// [`PreparedConn::with`] without making the writes held back first: for the
+    /// statements that make them, and for those whose outcome they cannot change (the
+    /// read of a stock row not kept on this connection, and so not held back).
     pub(crate) fn with_pending<T>(
         &self,
         sql: &'static str,
@@ -127,6 +125,14 @@ impl PreparedConn {
         }
     }
 
+    /// Whether the writer's next transactions hold writes back (see `row_cache.rs`): the
+    /// group writer turns it on for transactions it expects to carry several units.
+    pub(crate) fn hold_writes(&self, on: bool) {
+        if let Some(rows) = &self.rows {
+            rows.borrow_mut().hold = on;
+        }
+    }
+
     /// Holds back the write of `levels` to a stock row this transaction keeps a copy of;
     /// whether it did (if not, the caller writes the row itself).
     pub(crate) fn hold_back_stock(&self, product: i64, size: &str, levels: StockLevels) -> bool {
@@ -135,18 +141,35 @@ impl PreparedConn {
             .is_some_and(|rows| rows.borrow_mut().hold_back(product, size, levels))
     }
 
-    /// Writes the stock rows held back.
-    fn write_pending(&self) -> Result<()> {
-        let Some(rows) = &self.rows else {
+    /// Holds back the insert of `movements` into the ledger until the writer writes what
+    /// it holds back; whether it did (if not, the caller writes them, after
+    /// [`PreparedConn::write_pending`]).
+    pub(crate) fn hold_back_movements(&self, movements: &[NewMovement]) -> bool {
+        self.rows
+            .as_ref()
+            .is_some_and(|rows| rows.borrow_mut().hold_back_movements(movements))
+    }
+
+    /// Writes the stock rows and the ledger movements held back.
+    pub(crate) fn write_pending(&self) -> Result<()> {
+        let Some(rows) = self.rows.as_ref().filter(|r| r.borrow().has_pending()) else {
             return Ok(());
         };
-        let pending = rows.borrow_mut().take_pending();
+        let (pending, movements) = {
+            let mut rows = rows.borrow_mut();
+            (rows.take_pending(), rows.take_movements())
+        };
         for (product, size, levels) in pending {
             let [available, reserved, sold] = levels_db(levels)?;
             let changed = self.with_pending(UPDATE_STOCK, |s| {
                 s.execute(rusqlite::params![product, size, available, reserved, sold])
             })?;
             expect_one(changed, "stock row")?;
+        }
+        if !movements.is_empty() {
+            insert_movement_rows(self, &movements)?;
+            // The list goes back, emptied, with its room.
+            rows.borrow_mut().give_back_movements(movements);
         }
         Ok(())
     }

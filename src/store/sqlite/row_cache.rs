@@ -26,17 +26,21 @@
 //!
 //! Copies are used only inside a transaction that began this way and is still open.
 //!
-//! The writer also holds back its writes of the rows it keeps until the transaction needs
-//! the table to be right: a stock row written by several units of one group (a hot
-//! product in a flash sale, where most of a group's units write the same row) is
-//! written to SQLite once, with its last counters, instead of once a unit. A row held
-//! back is *pending*. [`PreparedConn`](super::prepared::PreparedConn) writes every
-//! pending row before it runs any statement but the few that cannot see the difference
-//! (the read of a row that is not kept, which is therefore not pending, and the ledger's
-//! insert, whose foreign key asks only whether the row exists), so a commit, a
-//! savepoint, and every other query find the table as if each write had gone straight
-//! in; a rollback, whole or to a savepoint, drops them with the copies. Only rows
-//! already kept are held back (they exist), and at most half the bound at a time.
+//! In a transaction shared by several units, the writer also holds back its writes of
+//! the rows it keeps, and the ledger movements of those rows, until the transaction
+//! needs the tables to be right: a stock row written by several units of one group (a
+//! hot product in a flash sale, where most of a group's units write the same row) is
+//! written to SQLite once, with its last counters, instead of once a unit, and the
+//! group's movements go into the ledger a few rows per statement, in the order the units
+//! wrote them. A write held back is *pending*.
+//! [`PreparedConn`](super::prepared::PreparedConn) writes everything pending before it
+//! runs any statement but the read of a row that is not kept (and therefore not
+//! pending), so a commit, a savepoint, and every query find the tables as if each write
+//! had gone straight in; a rollback, whole or to a savepoint, drops what is pending with
+//! the copies. Only writes to rows already kept are held back: those rows exist, so
+//! neither the update nor the ledger's foreign key can be refused later, when a refusal
+//! would fail the whole transaction rather than the unit that made it. At most half the
+//! bound of rows, and 1,024 movements, are pending at a time.
 
 use std::collections::HashMap;
 use std::ffi::c_uint;
@@ -44,7 +48,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 
 use rusqlite::{Connection, ffi};
 
-use crate::model::StockLevels;
+use crate::model::{NewMovement, StockLevels};
 
 /// The most rows kept. Past it every copy is forgotten and the count starts again: a
 /// store with more rows than this in play gains little from copies anyway. The table is
@@ -62,6 +66,10 @@ const MAX_SIZE: usize = 15;
 /// bound, so that making room for a new copy (which keeps the pending ones) always frees
 /// some.
 const MAX_PENDING: usize = MAX_ROWS / 2;
+
+/// The most ledger movements held back at a time: past it the writer writes everything it
+/// holds back, then the new movements.
+const MAX_MOVEMENTS: usize = 1_024;
 
 /// A row's key: its product, and its size's length and bytes (`""` for none, as stored).
 type Key = (i64, u128);
@@ -137,11 +145,16 @@ pub(crate) struct RowCache {
     rows: HashMap<Key, Kept, BuildHasherDefault<KeyHasher>>,
     /// The keys of the pending rows, each once.
     pending: Vec<Key>,
+    /// Ledger movements held back, in the order the units wrote them.
+    movements: Vec<NewMovement>,
     /// The data version this connection's last commit left: the copies hold while the
     /// next transaction starts at the same one.
     valid_at: Option<c_uint>,
     /// A transaction that began with the copies checked is open.
     open: bool,
+    /// Writes of kept rows, and ledger movements, are held back (see the module's
+    /// documentation); set by the writer for each group.
+    pub(crate) hold: bool,
 }
 
 impl RowCache {
@@ -177,6 +190,7 @@ impl RowCache {
     fn forget(&mut self) {
         self.rows.clear();
         self.pending.clear();
+        self.movements.clear();
     }
 
     /// The row of `product` and `size` as this transaction last saw it, if kept.
@@ -212,7 +226,7 @@ impl RowCache {
     /// Holds back the write of `levels` to the row of `product` and `size`, which this
     /// open transaction keeps a copy of; whether it did (if not, the caller writes it).
     pub(crate) fn hold_back(&mut self, product: i64, size: &str, levels: StockLevels) -> bool {
-        if !self.open || self.pending.len() >= MAX_PENDING {
+        if !self.open || !self.hold || self.pending.len() >= MAX_PENDING {
             return false;
         }
         let Some(key) = key(product, size) else {
@@ -229,9 +243,44 @@ impl RowCache {
         true
     }
 
+    /// Holds back the insert of `movements` into the ledger, in the open transaction;
+    /// whether it did (if not, the caller writes them, after everything held back).
+    ///
+    /// Only movements of stock rows kept are held back: those rows exist, so the ledger's
+    /// foreign key cannot refuse them later, when a refusal would fail the whole
+    /// transaction instead of the unit that made it.
+    pub(crate) fn hold_back_movements(&mut self, movements: &[NewMovement]) -> bool {
+        if !self.open || !self.hold || self.movements.len() + movements.len() > MAX_MOVEMENTS {
+            return false;
+        }
+        let kept = |m: &NewMovement| {
+            key(m.product_id.0, m.size.as_deref().unwrap_or(""))
+                .is_some_and(|k| self.rows.contains_key(&k))
+        };
+        if !movements.iter().all(kept) {
+            return false;
+        }
+        self.movements.extend_from_slice(movements);
+        true
+    }
+
     /// Whether any write is held back.
     pub(crate) fn has_pending(&self) -> bool {
-        !self.pending.is_empty()
+        !self.pending.is_empty() || !self.movements.is_empty()
+    }
+
+    /// Hands over the movements held back, in order.
+    pub(crate) fn take_movements(&mut self) -> Vec<NewMovement> {
+        std::mem::take(&mut self.movements)
+    }
+
+    /// Takes back the list [`RowCache::take_movements`] handed over, emptied, to keep its
+    /// room for the next transaction.
+    pub(crate) fn give_back_movements(&mut self, mut list: Vec<NewMovement>) {
+        if self.movements.is_empty() {
+            list.clear();
+            self.movements = list;
+        }
     }
 
     /// Hands over the writes held back, in the order they were first held, and counts
@@ -420,6 +469,12 @@ mod tests {
         let (_dir, writer, _other) = two_connections();
         let mut cache = RowCache::default();
         let two = StockLevels::with_available(2);
+        // Only when the writer asks for it.
+        exec(&writer, &mut cache, "BEGIN IMMEDIATE");
+        cache.put(1, "", ROW);
+        assert!(!cache.hold_back(1, "", two));
+        exec(&writer, &mut cache, "ROLLBACK");
+        cache.hold = true;
         // Outside a transaction nothing is held back.
         assert!(!cache.hold_back(1, "", two));
         exec(&writer, &mut cache, "BEGIN IMMEDIATE");
@@ -460,7 +515,10 @@ mod tests {
     #[test]
     fn making_room_keeps_the_rows_held_back_and_their_number_is_bounded() {
         let (_dir, writer, _other) = two_connections();
-        let mut cache = RowCache::default();
+        let mut cache = RowCache {
+            hold: true,
+            ..RowCache::default()
+        };
         exec(&writer, &mut cache, "BEGIN IMMEDIATE");
         for p in 0..MAX_ROWS as i64 {
             cache.put(p, "", ROW);
@@ -485,5 +543,61 @@ mod tests {
                 .all(|(_, size, levels)| size.is_empty() && *levels == held)
         );
         exec(&writer, &mut cache, "COMMIT");
+    }
+    fn movement(product: i64, size: Option<&str>, n: i64) -> NewMovement {
+        NewMovement {
+            at: chrono::DateTime::from_timestamp(n, 0).unwrap(),
+            product_id: crate::model::ProductId(product),
+            size: size.map(str::to_string),
+            kind: crate::model::MovementKind::Reserve,
+            delta: crate::model::CounterDelta {
+                available: -n,
+                reserved: n,
+                sold: 0,
+            },
+            order_id: None,
+            payment_hash: None,
+            reference: None,
+        }
+    }
+
+    #[test]
+    fn movements_are_held_back_in_order_for_kept_rows_only() {
+        let (_dir, writer, _other) = two_connections();
+        let mut cache = RowCache {
+            hold: true,
+            ..RowCache::default()
+        };
+        let (a, b, c) = (
+            movement(1, None, 1),
+            movement(2, Some("M"), 2),
+            movement(1, None, 3),
+        );
+        // Outside a transaction: no.
+        assert!(!cache.hold_back_movements(std::slice::from_ref(&a)));
+        exec(&writer, &mut cache, "BEGIN IMMEDIATE");
+        // A row not kept might not exist: the ledger's foreign key would refuse it at
+        // the commit, failing every unit of the transaction.
+        assert!(!cache.hold_back_movements(std::slice::from_ref(&a)));
+        cache.put(1, "", ROW);
+        assert!(
+            !cache.hold_back_movements(&[a.clone(), b.clone()]),
+            "all or none"
+        );
+        assert!(!cache.has_pending());
+        cache.put(2, "M", ROW);
+        assert!(cache.hold_back_movements(&[a.clone(), b.clone()]));
+        assert!(cache.hold_back_movements(std::slice::from_ref(&c)));
+        assert!(cache.has_pending());
+        let taken = cache.take_movements();
+        assert_eq!(taken, vec![a.clone(), b, c]);
+        assert!(!cache.has_pending());
+        cache.give_back_movements(taken);
+        // The bound: past it the caller writes everything, then its movements.
+        let many = vec![a.clone(); MAX_MOVEMENTS];
+        assert!(cache.hold_back_movements(&many));
+        assert!(!cache.hold_back_movements(&[a]));
+        exec(&writer, &mut cache, "ROLLBACK");
+        assert!(!cache.has_pending(), "a rollback drops them");
     }
 }
