@@ -164,9 +164,10 @@ impl Default for SqliteConfig {
 ///   dropped at every rollback, and whenever SQLite reports, as a transaction begins,
 ///   that another connection has written the file since the writer's last commit:
 ///   another process, another store, or any SQLite program changing rows behind the
-///   library. A row that several units of one group write (a hot product) is written to
-///   SQLite once, with its last counters, and the group's ledger movements a few per
-///   statement, before the commit or any other statement that could see the difference.
+///   library. Under [`Durability::Normal`], a row that several units of one group write
+///   (a hot product) is written to SQLite once, with its last counters, and the group's
+///   ledger movements a few per statement, before the commit or any other statement
+///   that could see the difference.
 /// - The file uses the WAL journal, so reads (served by a pool of read-only connections)
 ///   never wait for writers. The writer opens the file through a small VFS of the
 ///   store's own, named `stockroom-wal`, over SQLite's default one: it hands each

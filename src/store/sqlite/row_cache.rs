@@ -26,7 +26,9 @@
 //!
 //! Copies are used only inside a transaction that began this way and is still open.
 //!
-//! In a transaction shared by several units, the writer also holds back its writes of
+//! In a transaction shared by several units under
+//! [`Durability::Normal`](super::Durability::Normal) (the group writer decides, see
+//! `GroupWriter::run_group`), the writer also holds back its writes of
 //! the rows it keeps, and the ledger movements of those rows, until the transaction
 //! needs the tables to be right: a stock row written by several units of one group (a
 //! hot product in a flash sale, where most of a group's units write the same row) is
