@@ -8,7 +8,7 @@ use std::thread;
 use rusqlite::Connection;
 use stockroom::{
     CounterDelta, Durability, Error, MovementKind, NewMovement, NewProduct, ProductId,
-    SqliteConfig, SqliteStore, StockService, StockStore,
+    SqliteConfig, SqliteStore, StockService, StockStore, WriterStats,
 };
 
 const MUG: ProductId = ProductId(1);
@@ -34,6 +34,41 @@ fn reserve_one_at_a_time(stock: &StockService, threads: usize, each: usize) {
 fn normal_store(dir: &std::path::Path, name: &str) -> Arc<SqliteStore> {
     let normal = SqliteConfig::default().with_durability(Durability::Normal);
     Arc::new(SqliteStore::open_with(dir.join(name), normal).unwrap())
+}
+
+/// Asserts that the writer ran exactly `units` units since `before`, in fewer
+/// transactions: callers shared commits.
+fn assert_shared_commits(store: &SqliteStore, before: WriterStats, units: u64) {
+    let stats = store.writer_stats();
+    assert_eq!(stats.units - before.units, units);
+    assert!(
+        stats.transactions - before.transactions < units,
+        "no commit was shared: {stats:?}"
+    );
+}
+
+/// A movement of the product-wide row of `product`, now, changing available and
+/// reserved by `(available, reserved)`.
+fn movement(
+    product: ProductId,
+    kind: MovementKind,
+    (available, reserved): (i64, i64),
+    reference: Option<String>,
+) -> NewMovement {
+    NewMovement {
+        at: chrono::Utc::now(),
+        product_id: product,
+        size: None,
+        kind,
+        delta: CounterDelta {
+            available,
+            reserved,
+            sold: 0,
+        },
+        order_id: None,
+        payment_hash: None,
+        reference,
+    }
 }
 
 /// The size of the WAL of the file `name` in `dir`.
@@ -467,13 +502,8 @@ fn concurrent_writers_share_commits_and_refusals_stay_their_own() {
     // Refused reservations ran in the same groups as accepted ones and failed alone.
     assert_eq!((ok, short), (600, 200));
     assert_eq!(levels(&stock), (0, 600, 0));
-    let stats = store.writer_stats();
-    assert_eq!(stats.units - before.units, 800);
-    assert!(
-        stats.transactions - before.transactions < 800,
-        "no commit was shared: {stats:?}"
-    );
-    assert!(stats.largest_group > 1);
+    assert_shared_commits(&store, before, 800);
+    assert!(store.writer_stats().largest_group > 1);
     assert!(stock.verify_ledger().unwrap().is_consistent());
 }
 
@@ -530,20 +560,12 @@ fn queries_after_writes_held_back_read_the_last_counters() {
                                 row.available -= 1;
                                 row.reserved += 1;
                                 tx.update_stock(MUG, None, row)?;
-                                tx.insert_movement(&NewMovement {
-                                    at: chrono::Utc::now(),
-                                    product_id: MUG,
-                                    size: None,
-                                    kind: MovementKind::Reserve,
-                                    delta: CounterDelta {
-                                        available: -1,
-                                        reserved: 1,
-                                        sold: 0,
-                                    },
-                                    order_id: None,
-                                    payment_hash: None,
-                                    reference: Some(format!("{t} {i} {k}")),
-                                })?;
+                                tx.insert_movement(&movement(
+                                    MUG,
+                                    MovementKind::Reserve,
+                                    (-1, 1),
+                                    Some(format!("{t} {i} {k}")),
+                                ))?;
                             }
                             let listed = tx.product_stock(MUG)?;
                             let summed = tx.ledger_balances()?;
@@ -594,12 +616,8 @@ fn queries_after_writes_held_back_read_the_last_counters() {
         count += 1;
     }
     assert_eq!(count, 1_600);
-    let stats = store.writer_stats();
-    assert_eq!(stats.units - before.units, 800);
-    assert!(
-        stats.transactions - before.transactions < 800,
-        "no commit was shared, nothing was held back: {stats:?}"
-    );
+    // Shared commits: the writes were held back.
+    assert_shared_commits(&store, before, 800);
 }
 
 /// A unit whose ledger movement the foreign key refuses (its stock row does not exist)
@@ -628,20 +646,12 @@ fn a_movement_of_a_missing_row_fails_only_its_own_unit_in_shared_commits() {
                         }
                         let e = store
                             .write(Box::new(|tx| {
-                                tx.insert_movement(&NewMovement {
-                                    at: chrono::Utc::now(),
-                                    product_id: ProductId(999),
-                                    size: None,
-                                    kind: MovementKind::Restock,
-                                    delta: CounterDelta {
-                                        available: 1,
-                                        reserved: 0,
-                                        sold: 0,
-                                    },
-                                    order_id: None,
-                                    payment_hash: None,
-                                    reference: None,
-                                })
+                                tx.insert_movement(&movement(
+                                    ProductId(999),
+                                    MovementKind::Restock,
+                                    (1, 0),
+                                    None,
+                                ))
                             }))
                             .unwrap_err();
                         assert!(e.to_string().contains("FOREIGN KEY"), "{e}");
@@ -656,12 +666,7 @@ fn a_movement_of_a_missing_row_fails_only_its_own_unit_in_shared_commits() {
     assert_eq!(refused, 200);
     assert_eq!(levels(&stock), (9_400, 600, 0));
     assert!(stock.verify_ledger().unwrap().is_consistent());
-    let stats = store.writer_stats();
-    assert_eq!(stats.units - before.units, 800);
-    assert!(
-        stats.transactions - before.transactions < 800,
-        "no commit was shared: {stats:?}"
-    );
+    assert_shared_commits(&store, before, 800);
 }
 
 #[test]
@@ -893,12 +898,7 @@ fn failing_units_in_shared_commits(durability: Durability) {
     // Odd threads: 150 - 50 failing after writing; even threads: 150 - 30 before.
     assert_eq!(kept, 4 * 100 + 4 * 120);
     assert_eq!(levels(&stock), (880, 0, 0));
-    let stats = store.writer_stats();
-    assert_eq!(stats.units - before.units, 1_200);
-    assert!(
-        stats.transactions - before.transactions < 1_200,
-        "no commit was shared: {stats:?}"
-    );
+    assert_shared_commits(&store, before, 1_200);
 }
 
 /// Version 4 rebuilt the ledger table with a cheaper kind check: a version-3 file keeps

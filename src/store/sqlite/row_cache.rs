@@ -466,6 +466,14 @@ mod tests {
         assert_eq!(cache.rows.capacity(), capacity);
         exec(&writer, &mut cache, "COMMIT");
     }
+    /// A cache whose transactions hold writes back, as the writer's do when shared.
+    fn holding() -> RowCache {
+        RowCache {
+            hold: true,
+            ..RowCache::default()
+        }
+    }
+
     #[test]
     fn writes_held_back_are_handed_over_once_and_rollbacks_drop_them() {
         let (_dir, writer, _other) = two_connections();
@@ -517,10 +525,7 @@ mod tests {
     #[test]
     fn making_room_keeps_the_rows_held_back_and_their_number_is_bounded() {
         let (_dir, writer, _other) = two_connections();
-        let mut cache = RowCache {
-            hold: true,
-            ..RowCache::default()
-        };
+        let mut cache = holding();
         exec(&writer, &mut cache, "BEGIN IMMEDIATE");
         for p in 0..MAX_ROWS as i64 {
             cache.put(p, "", ROW);
@@ -566,10 +571,7 @@ mod tests {
     #[test]
     fn movements_are_held_back_in_order_for_kept_rows_only() {
         let (_dir, writer, _other) = two_connections();
-        let mut cache = RowCache {
-            hold: true,
-            ..RowCache::default()
-        };
+        let mut cache = holding();
         let (a, b, c) = (
             movement(1, None, 1),
             movement(2, Some("M"), 2),
