@@ -1262,8 +1262,6 @@ impl StockTx for SqliteTx<'_> {
 /// The most ledger rows one `INSERT` statement appends.
 const MOVEMENTS_PER_INSERT: usize = 8;
 
-/// `INSERT INTO stock_movements ... VALUES (...), (...)` for `rows` rows (1 to
-/// [`MOVEMENTS_PER_INSERT`]), built once.
 /// Inserts `movements` into the ledger, in order, without writing the stock rows held
 /// back first: the ledger's foreign key asks only whether a movement's stock row exists,
 /// which a row held back does (see `row_cache.rs`).
@@ -1297,6 +1295,8 @@ fn insert_movement_rows(conn: &PreparedConn, movements: &[NewMovement]) -> Resul
     Ok(())
 }
 
+/// `INSERT INTO stock_movements ... VALUES (...), (...)` for `rows` rows (1 to
+/// [`MOVEMENTS_PER_INSERT`]), built once.
 fn insert_movements_sql(rows: usize) -> &'static str {
     static SQL: OnceLock<Vec<String>> = OnceLock::new();
     let all = SQL.get_or_init(|| {

@@ -28,13 +28,13 @@
 //!
 //! In a transaction shared by several units under
 //! [`Durability::Normal`](super::Durability::Normal) (the group writer decides, see
-//! `GroupWriter::run_group`), the writer also holds back its writes of
-//! the rows it keeps, and the ledger movements of those rows, until the transaction
-//! needs the tables to be right: a stock row written by several units of one group (a
-//! hot product in a flash sale, where most of a group's units write the same row) is
-//! written to SQLite once, with its last counters, instead of once a unit, and the
-//! group's movements go into the ledger a few rows per statement, in the order the units
-//! wrote them. A write held back is *pending*.
+//! `GroupWriter::run_group`), the writer also holds back its writes of the rows it keeps,
+//! and the ledger movements of those rows, until the transaction needs the tables to be
+//! right: a stock row written by several units of one group (a hot product in a flash
+//! sale, where most of a group's units write the same row) is written to SQLite once,
+//! with its last counters, instead of once a unit, and the group's movements go into the
+//! ledger a few rows per statement, in the order the units wrote them. A write held back
+//! is *pending*.
 //! [`PreparedConn`](super::prepared::PreparedConn) writes everything pending before it
 //! runs any statement but the read of a row that is not kept (and therefore not
 //! pending), so a commit, a savepoint, and every query find the tables as if each write
@@ -52,8 +52,9 @@ use rusqlite::{Connection, ffi};
 
 use crate::model::{NewMovement, StockLevels};
 
-/// The most rows kept. Past it every copy is forgotten and the count starts again: a
-/// store with more rows than this in play gains little from copies anyway. The table is
+/// The most rows kept. Past it every copy but the pending ones is forgotten and the
+/// count starts again: a store with more rows than this in play gains little from copies
+/// anyway. The table is
 /// allocated once, at its full size (about 650 KiB), and never again: copies made and
 /// dropped on the threads that take turns leading the writer would otherwise scatter
 /// small allocations over every thread's malloc arena (a first version, with one
@@ -285,8 +286,8 @@ impl RowCache {
         }
     }
 
-    /// Hands over the writes held back, in the order they were first held, and counts
-    /// them as written (the caller writes them now).
+    /// Hands over the rows held back, in the order they were first held, and counts them
+    /// as written (the caller writes them now).
     pub(crate) fn take_pending(&mut self) -> Vec<PendingRow> {
         let mut out = Vec::with_capacity(self.pending.len());
         for key in self.pending.drain(..) {
@@ -466,6 +467,7 @@ mod tests {
         assert_eq!(cache.rows.capacity(), capacity);
         exec(&writer, &mut cache, "COMMIT");
     }
+
     /// A cache whose transactions hold writes back, as the writer's do when shared.
     fn holding() -> RowCache {
         RowCache {
@@ -551,6 +553,8 @@ mod tests {
         );
         exec(&writer, &mut cache, "COMMIT");
     }
+
+    /// A reservation of `n` units of `product` and `size`, at `n` seconds past the epoch.
     fn movement(product: i64, size: Option<&str>, n: i64) -> NewMovement {
         NewMovement {
             at: chrono::DateTime::from_timestamp(n, 0).unwrap(),
