@@ -1087,16 +1087,11 @@ impl StockTx for SqliteTx<'_> {
         levels: StockLevels,
     ) -> Result<bool> {
         let size = size_db(size);
+        let [available, reserved, sold] = levels_db(levels)?;
         let n = self.run(
             "INSERT INTO stock (product_id, size, available, reserved, sold) \
              VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (product_id, size) DO NOTHING",
-            params![
-                product.0,
-                size,
-                to_db(levels.available)?,
-                to_db(levels.reserved)?,
-                to_db(levels.sold)?
-            ],
+            params![product.0, size, available, reserved, sold],
         )?;
         if n == 1 {
             self.conn.keep_stock(product.0, size, levels);
@@ -1209,6 +1204,7 @@ impl StockTx for SqliteTx<'_> {
 
     fn insert_stock_count(&mut self, record: &StockCountRecord) -> Result<()> {
         let c = &record.count;
+        let [available, reserved, sold] = levels_db(c.levels)?;
         self.run(
             "INSERT INTO stock_counts (at, product_id, size, expected, counted, discrepancy, \
              applied, available, reserved, sold) \
@@ -1221,9 +1217,9 @@ impl StockTx for SqliteTx<'_> {
                 to_db(c.counted)?,
                 c.discrepancy,
                 c.applied,
-                to_db(c.levels.available)?,
-                to_db(c.levels.reserved)?,
-                to_db(c.levels.sold)?
+                available,
+                reserved,
+                sold
             ],
         )?;
         Ok(())
