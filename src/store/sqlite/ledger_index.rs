@@ -10,10 +10,11 @@
 //! writer reads them, a slice after each commit, sorts them by product, size, time and
 //! id (each slice as it is read, merged with the slices before it a step at a time),
 //! inserts them a chunk per short transaction after each commit, and moves `upto` with
-//! the last chunk. Every step is short, because the callers queued behind it wait. Each slice and chunk is at least [`READ_SLICE`] or [`CHUNK`]
-//! entries, and at least twice the movements the commit before it appended, so the
-//! catch-up always outpaces the ledger (a first version with fixed steps fell behind
-//! 500-line carts, and its backlog grew for as long as they came).
+//! the last chunk. Every step is short, because the callers queued behind it wait. Each
+//! slice and chunk is at least [`READ_SLICE`] or [`CHUNK`] entries, and at least twice
+//! the movements the commit before it appended, so the catch-up always outpaces the
+//! ledger (a first version with fixed steps fell behind 500-line carts, and its backlog
+//! grew for as long as they came).
 //!
 //! A chunk goes in as packs: one row of `ledger_packs` for up to [`PACK`] movements of
 //! one product and size that sort next to each other, holding their times and ids, keyed
