@@ -1368,15 +1368,15 @@ fn the_ledger_is_indexed_by_product_in_bulk_and_reads_the_same_at_every_stage() 
         .unwrap();
     let (marked, indexed, entries, _) = index_state(&conn);
     assert_eq!((indexed, entries), (marked, marked + 100));
-    // A batch larger than one catch-up transaction's chunk (512 entries) from here on.
+    // A batch larger than several catch-up transactions' chunks (128 entries) from here on.
     let config = config.with_ledger_index_batch(600);
     let stock = service(SqliteStore::open_with(&path, config).unwrap());
     for (p, ids) in products.iter().zip(&movements) {
         assert_eq!(&paged_movement_ids(&stock, *p), ids);
     }
     assert_eq!(stock.metrics(from, to).unwrap(), metrics);
-    // The next catch-up indexes what was left in two transactions, the 100 packed twice
-    // and read once.
+    // The next catch-up indexes what was left in several transactions (chunks of 128),
+    // the 100 packed twice and read once.
     reserve(&stock, 700);
     assert_indexed(&conn, 1_143, 600 + 16);
     for p in products {
@@ -1481,7 +1481,7 @@ fn version_7_packs_the_ledger_index_of_version_6() {
 }
 
 /// Commits that each append more movements than a catch-up transaction's smallest chunk
-/// (300-line carts against 512 entries, looked at every 16 commits): the catch-up keeps
+/// (300-line carts against 128 entries, looked at every 16 commits): the catch-up keeps
 /// pace with them (each chunk twice what the commit before it appended, and the next look
 /// right after a catch-up), so what is not indexed stays bounded however long they come.
 #[test]

@@ -41,15 +41,20 @@ use super::BACKEND;
 use super::prepared::PreparedConn;
 
 /// The fewest index entries one catch-up transaction inserts (more after a commit that
-/// appended more than half as many movements): a pause of about 0.2 ms for the callers
-/// queued behind it.
-const CHUNK: usize = 512;
+/// appended more than half as many movements). 512 held the group behind them for
+/// about 0.2 ms; see [`READ_SLICE`] for why steps are this small.
+const CHUNK: usize = 128;
 
 /// The fewest movements the writer reads, after one commit, for the catch-up to come.
 /// Each step holds the writer, and the callers queued behind it: reading a whole batch
-/// at once took several milliseconds, a slice of 4,096 took 1.3–1.9 ms, and 512 take
-/// about a fifth of a millisecond (loadgen, 8 threads on one hot product under FULL).
-const READ_SLICE: usize = 512;
+/// at once took several milliseconds, a slice of 4,096 took 1.3–1.9 ms (and set the
+/// p99.9 of 8 threads on one hot product under FULL, about 2 ms), a slice of 512 about
+/// 0.2 ms. Steps of 512, though, still delayed more than 1% of the groups: the same
+/// load's p99 under NORMAL was 0.20–0.26 ms, against 0.12–0.17 ms with steps of 4,096.
+/// Slices and chunks of 128 spread the work thinner: p99 0.13–0.15 ms, p99.9 0.24–0.33
+/// ms (0.46–0.63 with 512), for about 0.75% more instructions a reservation, the fixed
+/// cost of each step.
+const READ_SLICE: usize = 128;
 
 /// How many commits the writer lets pass between two looks at how far the ledger has
 /// run ahead of its index (at most; fewer with a smaller batch), except right after a

@@ -103,9 +103,9 @@ pub struct SqliteConfig {
     /// product, in bulk: 16,384 by default.
     ///
     /// Movements are appended without an index by product; the writer catches up
-    /// after its commits in short steps (it reads 512 movements, or inserts a few
-    /// hundred entries in a short transaction, per step), sorted by product and packed
-    /// up to 48 movements of one product to a row. Reading a product's
+    /// after its commits in short steps (it reads 128 movements, or inserts 128 entries
+    /// in a short transaction, per step), sorted by product and packed up to 48
+    /// movements of one product to a row. Reading a product's
     /// movements ([`StockService::movements`](crate::StockService::movements)) or the
     /// metrics ([`StockService::metrics`](crate::StockService::metrics)) scans the
     /// movements not indexed yet: about this many, and up to half as many again while a
