@@ -41,8 +41,8 @@ use super::BACKEND;
 use super::prepared::PreparedConn;
 
 /// The fewest index entries one catch-up transaction inserts (more after a commit that
-/// appended more than half as many movements). 512 held the group behind them for
-/// about 0.2 ms; see [`READ_SLICE`] for why steps are this small.
+/// appended more than half as many movements). A chunk of 512 held the group behind it
+/// for about 0.2 ms; [`READ_SLICE`] says why steps are this small.
 const CHUNK: usize = 128;
 
 /// The fewest movements the writer reads, after one commit, for the catch-up to come.
