@@ -115,7 +115,7 @@ pub use store::memory::MemoryStore;
 #[cfg(feature = "postgres")]
 pub use store::postgres::{PostgresConfig, PostgresStore};
 #[cfg(feature = "sqlite")]
-pub use store::sqlite::{Durability, SqliteConfig, SqliteStore, WriterStats};
+pub use store::sqlite::{Durability, Sharing, SqliteConfig, SqliteStore, WriterStats};
 pub use store::{LedgerBalance, ReadUnit, StockRead, StockRow, StockStore, StockTx, WriteUnit};
 
 /// Compile-time check that the services can be shared between threads.

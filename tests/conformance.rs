@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use stockroom::{MemoryStore, SqliteConfig, SqliteStore, StockStore};
+use stockroom::{MemoryStore, Sharing, SqliteConfig, SqliteStore, StockStore};
 #[cfg(feature = "postgres")]
 use stockroom::{PostgresConfig, PostgresStore};
 
@@ -165,6 +165,11 @@ backend!(sqlite_file, scratch => SqliteStore::open(scratch.file()).expect("open 
 backend!(sqlite_indexed, scratch => SqliteStore::open_with(
     scratch.file(),
     SqliteConfig::default().with_ledger_index_batch(1),
+).expect("open sqlite file"));
+// The file kept to this process: SQLite's `unix-excl` VFS, the WAL index in memory.
+backend!(sqlite_this_process, scratch => SqliteStore::open_with(
+    scratch.file(),
+    SqliteConfig::default().with_sharing(Sharing::ThisProcess),
 ).expect("open sqlite file"));
 #[cfg(feature = "postgres")]
 backend!(postgres, scratch => pg_store(), run_if = pg_url().is_some());

@@ -1,6 +1,7 @@
 //! Crash safety: a child process runs a stream of holds, checkouts, confirmations,
 //! cancellations and cleanups on a SQLite file and reports each commit as it returns; it
-//! is killed with SIGKILL at random moments, many times. After each kill the file is
+//! is killed with SIGKILL at random moments, many times (every other child keeps the file
+//! to its process, [`Sharing::ThisProcess`]). After each kill the file is
 //! reopened: `PRAGMA integrity_check` is ok, units are conserved, reserved units are
 //! exactly the holds' and the unpaid orders', the ledger verifies, and every operation
 //! the child reported as committed is there.
@@ -17,7 +18,7 @@ use chrono::{TimeDelta, TimeZone, Utc};
 use rusqlite::Connection;
 use stockroom::{
     CheckoutRequest, NewProduct, OrderConfig, OrderId, OrderLine, OrderService, OrderStatus,
-    ProductId, SqliteStore, StockLine, StockService, StockStore,
+    ProductId, Sharing, SqliteConfig, SqliteStore, StockLine, StockService, StockStore,
 };
 
 const DB: &str = "STOCKROOM_CRASH_DB";
@@ -32,7 +33,15 @@ const INITIAL: u64 = 1_000_000;
 fn crash_child() {
     let path = std::env::var(DB).expect("child without a database");
     let round: i64 = std::env::var(ROUND).unwrap().parse().unwrap();
-    let store: Arc<dyn StockStore> = Arc::new(SqliteStore::open(&path).unwrap());
+    // Odd rounds keep the file to the child's process, with the WAL index in its memory
+    // only: the next round (and the checks) must recover it from the WAL alone.
+    let sharing = if round % 2 == 1 {
+        Sharing::ThisProcess
+    } else {
+        Sharing::Processes
+    };
+    let config = SqliteConfig::default().with_sharing(sharing);
+    let store: Arc<dyn StockStore> = Arc::new(SqliteStore::open_with(&path, config).unwrap());
     let stock = StockService::new(store.clone());
     let orders = OrderService::new(store, OrderConfig::default());
     // Each round lives on its own day, so that its times never go backwards.

@@ -9,15 +9,15 @@ mod common;
 use std::sync::Arc;
 use std::thread;
 
-use stockroom::{SqliteStore, StockStore};
+use stockroom::{Sharing, SqliteConfig, SqliteStore, StockStore};
 
 const CHILD_DB: &str = "STOCKROOM_TEST_CHILD_DB";
 
-#[test]
-fn threads_racing_on_one_file_never_oversell() {
+/// Six threads shopping on a store opened with `config`, then the checks.
+fn threads_race(config: SqliteConfig) {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn StockStore> =
-        Arc::new(SqliteStore::open(dir.path().join("race.db")).unwrap());
+        Arc::new(SqliteStore::open_with(dir.path().join("race.db"), config).unwrap());
     common::stock_up(store.clone());
     let handles: Vec<_> = (0..6)
         .map(|i| {
@@ -35,6 +35,18 @@ fn threads_racing_on_one_file_never_oversell() {
         .collect();
     println!("race: 6 threads, {} orders", ids.len());
     common::verify_after_race(store, &ids);
+}
+
+#[test]
+fn threads_racing_on_one_file_never_oversell() {
+    threads_race(SqliteConfig::default());
+}
+
+/// The same with the file kept to this process: the writer, the read pool and the
+/// checkpointer lock each other through the WAL index in memory alone.
+#[test]
+fn threads_racing_on_a_file_kept_to_their_process_never_oversell() {
+    threads_race(SqliteConfig::default().with_sharing(Sharing::ThisProcess));
 }
 
 /// Not a test of its own: the body of each child process of

@@ -1,5 +1,5 @@
 //! What only the SQLite backend promises: files that persist and migrate, the schema as a
-//! safety net, WAL, and several processes sharing one file.
+//! safety net, WAL, and several processes sharing one file (or one keeping it to itself).
 
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Barrier};
@@ -7,7 +7,7 @@ use std::thread;
 
 use rusqlite::Connection;
 use stockroom::{
-    CounterDelta, Durability, Error, MovementKind, NewMovement, NewProduct, ProductId,
+    CounterDelta, Durability, Error, MovementKind, NewMovement, NewProduct, ProductId, Sharing,
     SqliteConfig, SqliteStore, StockService, StockStore, WriterStats,
 };
 
@@ -333,6 +333,148 @@ fn processes_sharing_one_file_never_oversell() {
     assert_eq!((ok, short), (100, 60));
     let stock = service(SqliteStore::open(&path).unwrap());
     assert_eq!(levels(&stock), (0, 100, 0));
+}
+
+const CHILD_SHARING: &str = "STOCKROOM_TEST_CHILD_SHARING";
+
+/// Not a test of its own: the body of the child processes of
+/// `a_store_that_keeps_its_file_shuts_other_processes_out_until_it_closes`. It opens the
+/// file in the environment as a store (with the sharing the environment names) and as a
+/// bare SQLite connection, each waiting at most 200 ms for locks, and prints what each
+/// found.
+#[test]
+#[ignore = "runs only as a child process of the sharing tests"]
+fn child_opener() {
+    let path = std::env::var(CHILD_DB).expect("child started without a database path");
+    let sharing = match std::env::var(CHILD_SHARING).as_deref() {
+        Ok("this-process") => Sharing::ThisProcess,
+        _ => Sharing::Processes,
+    };
+    let config = SqliteConfig::default()
+        .with_sharing(sharing)
+        .with_busy_timeout(std::time::Duration::from_millis(200));
+    match SqliteStore::open_with(&path, config) {
+        Ok(store) => match service(store).get_stock_info(MUG, None) {
+            Ok(info) => println!("CHILD-STORE ok available={}", info.available_quantity),
+            Err(e) => println!("CHILD-STORE err {e}"),
+        },
+        Err(e) => println!("CHILD-STORE err {e}"),
+    }
+    let raw = Connection::open(&path).unwrap();
+    raw.busy_timeout(std::time::Duration::from_millis(200))
+        .unwrap();
+    match raw.query_row("SELECT count(*) FROM stock", [], |r| r.get::<_, i64>(0)) {
+        Ok(n) => println!("CHILD-RAW ok rows={n}"),
+        Err(e) => println!("CHILD-RAW err {e}"),
+    }
+}
+
+/// Runs `child_opener` on `path` with `sharing` ("processes" or "this-process"); its two
+/// result lines.
+fn open_from_another_process(path: &std::path::Path, sharing: &str) -> (String, String) {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "child_opener",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_DB, path)
+        .env(CHILD_SHARING, sharing)
+        .output()
+        .expect("run child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "child failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = |tag: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.split_once(tag).map(|(_, r)| r.to_string()))
+            .unwrap_or_else(|| panic!("child printed no {tag}: {stdout}"))
+    };
+    (line("CHILD-STORE "), line("CHILD-RAW "))
+}
+
+#[test]
+fn a_store_that_keeps_its_file_shuts_other_processes_out_until_it_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mine.db");
+    let mine = SqliteConfig::default().with_sharing(Sharing::ThisProcess);
+    let stock = service(SqliteStore::open_with(&path, mine.clone()).unwrap());
+    stock
+        .create_product(NewProduct::plain(MUG, "Mug", 10))
+        .unwrap();
+    stock.reserve_stock(MUG, 3, None).unwrap();
+    // A read on the pool, and a second store of this process on the same file, whose
+    // connections must keep the process's lock rather than give it up.
+    assert_eq!(levels(&stock), (7, 3, 0));
+    let second = service(SqliteStore::open_with(&path, mine).unwrap());
+    assert_eq!(
+        counters(second.reserve_stock(MUG, 1, None).unwrap()),
+        (6, 4, 0)
+    );
+    assert_eq!(levels(&stock), (6, 4, 0));
+    drop(second);
+
+    let (store, raw) = open_from_another_process(&path, "processes");
+    assert!(
+        store.starts_with("err ") && store.contains("stayed locked by another process"),
+        "{store}"
+    );
+    assert_eq!(raw, "err database is locked");
+
+    drop(stock);
+    let (store, raw) = open_from_another_process(&path, "processes");
+    assert_eq!(store, "ok available=6");
+    assert_eq!(raw, "ok rows=1");
+}
+
+/// The store's read pool opens the file by a URI that names SQLite's `unix-excl` VFS:
+/// any file name must reach it unchanged.
+#[test]
+fn a_store_keeping_its_file_reads_it_under_any_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let odd = dir.path().join("a b?c#d%41 é&vfs=unix");
+    std::fs::create_dir(&odd).unwrap();
+    let path = odd.join("stock %2F.db");
+    let mine = SqliteConfig::default().with_sharing(Sharing::ThisProcess);
+    let stock = service(SqliteStore::open_with(&path, mine).unwrap());
+    stock
+        .create_product(NewProduct::plain(MUG, "Mug", 4))
+        .unwrap();
+    stock.reserve_stock(MUG, 1, None).unwrap();
+    assert_eq!(levels(&stock), (3, 1, 0));
+    drop(stock);
+    let names: Vec<_> = std::fs::read_dir(&odd)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, ["stock %2F.db"]);
+}
+
+#[test]
+fn a_store_cannot_keep_a_file_that_another_process_has_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shared.db");
+    let stock = service(SqliteStore::open(&path).unwrap());
+    stock
+        .create_product(NewProduct::plain(MUG, "Mug", 10))
+        .unwrap();
+    let (store, raw) = open_from_another_process(&path, "this-process");
+    assert!(
+        store.starts_with("err ") && store.contains("is open in another process"),
+        "{store}"
+    );
+    // The bare connection shares the file with this process as SQLite always does.
+    assert_eq!(raw, "ok rows=1");
+    // Once this process lets go, the other keeps the file, and sees what was written.
+    drop(stock);
+    let (store, _) = open_from_another_process(&path, "this-process");
+    assert_eq!(store, "ok available=10");
 }
 
 /// The writer keeps copies of the stock rows it writes, to skip reading them back: a

@@ -6,12 +6,13 @@
 //! store's 1 KiB pages, profiles put these calls at 30–40% of a writer's time.
 //!
 //! The writer's connection therefore opens its files through this VFS, a thin layer over
-//! SQLite's default one that changes a single thing: the WAL file's appends are gathered
-//! in memory and handed to the file in one write once the transaction's commit frame is
-//! complete. That is before SQLite publishes the commit in the WAL index, so no reader,
-//! in this process or another, can see a commit whose frames are not in the file yet, and
-//! a sync of the WAL after the commit covers all of them. Everything else (the database
-//! file, locks, the shared-memory index) is SQLite's own file, untouched.
+//! SQLite's default one (or its `unix-excl` one, see [`Sharing`]) that changes a single
+//! thing: the WAL file's appends are gathered in memory and handed to the file in one
+//! write once the transaction's commit frame is complete. That is before SQLite
+//! publishes the commit in the WAL index, so no reader, in this process or another, can
+//! see a commit whose frames are not in the file yet, and a sync of the WAL after the
+//! commit covers all of them. Everything else (the database file, locks, the WAL index)
+//! is SQLite's own file, untouched.
 //!
 //! What keeps it simple and safe:
 //! - Only appends are gathered. A write at an offset the log has already reached (SQLite
@@ -26,12 +27,10 @@
 use std::ffi::{CStr, c_char, c_int, c_void};
 use std::ptr;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicPtr, Ordering};
 
 use rusqlite::ffi;
 
-/// The VFS's name, for [`rusqlite::Connection::open_with_flags_and_vfs`].
-pub(crate) const NAME: &CStr = c"stockroom-wal";
+use super::Sharing;
 
 /// The WAL file's header, written at offset 0 when the log (re)starts.
 const WAL_HEADER: usize = 32;
@@ -42,46 +41,67 @@ pub(crate) const FRAME_HEADER: usize = 24;
 /// 128 KiB - 1 bytes in one call (it masks larger sizes and reports a full disk).
 const CAP: usize = 64 << 10;
 
-/// SQLite's default VFS, which this one wraps.
-static REAL: AtomicPtr<ffi::sqlite3_vfs> = AtomicPtr::new(ptr::null_mut());
-static REGISTERED: OnceLock<Result<(), String>> = OnceLock::new();
+/// The two layers this module registers: over SQLite's default VFS, and over its
+/// `unix-excl` one, for stores that keep the file to their process
+/// ([`Sharing::ThisProcess`]).
+static REGISTERED: [OnceLock<Result<(), String>>; 2] = [OnceLock::new(), OnceLock::new()];
 
-/// Registers the VFS with SQLite, once per process; the error says why it could not be.
-pub(crate) fn register() -> Result<(), String> {
-    REGISTERED
+/// What SQLite is given to register: a copy of the wrapped VFS, with the wrapped one
+/// beside it for [`open`] to find. The copy comes first, so that SQLite's pointer to
+/// the `sqlite3_vfs` is a pointer to this.
+#[repr(C)]
+struct Layer {
+    vfs: ffi::sqlite3_vfs,
+    real: *mut ffi::sqlite3_vfs,
+}
+
+/// Registers the layer over the VFS that `sharing` opens files with (see
+/// [`Sharing::vfs`]), once per process, and returns its name, for
+/// [`rusqlite::Connection::open_with_flags_and_vfs`]; the error says why it could not be.
+pub(crate) fn register(sharing: Sharing) -> Result<&'static CStr, String> {
+    let (slot, name) = match sharing {
+        Sharing::Processes => (0, c"stockroom-wal"),
+        Sharing::ThisProcess => (1, c"stockroom-wal-excl"),
+    };
+    let base = sharing.vfs();
+    REGISTERED[slot]
         .get_or_init(|| {
-            // SAFETY: sqlite3_vfs_find initialises SQLite and returns its default VFS,
-            // which lives as long as the process; the copy registered here is leaked, as
-            // SQLite keeps a pointer to it for good.
+            // SAFETY: sqlite3_vfs_find initialises SQLite and returns a VFS that lives as
+            // long as the process; the layer registered here is leaked, as SQLite keeps a
+            // pointer to it for good.
             unsafe {
-                let real = ffi::sqlite3_vfs_find(ptr::null());
+                let real = ffi::sqlite3_vfs_find(base.map_or(ptr::null(), CStr::as_ptr));
                 if real.is_null() {
-                    return Err("SQLite has no default VFS".into());
+                    return Err(match base {
+                        Some(b) => format!("SQLite has no {b:?} VFS on this platform"),
+                        None => "SQLite has no default VFS".into(),
+                    });
                 }
                 let Ok(size) = c_int::try_from(REAL_OFFSET + (*real).szOsFile as usize) else {
-                    return Err("the default VFS's files are too large to wrap".into());
+                    return Err("the wrapped VFS's files are too large to wrap".into());
                 };
-                REAL.store(real, Ordering::Release);
-                // A copy of the default VFS with its own name, file size and `open`:
-                // every other method (delete, access, full path, sleep, time...) is the
-                // default VFS's own, with the same `pAppData`; the unix VFS's ignore
-                // which VFS pointer they are called with.
+                // A copy of the wrapped VFS with its own name, file size and `open`: every
+                // other method (delete, access, full path, sleep, time...) is the wrapped
+                // VFS's own, with the same `pAppData`; the unix VFS's ignore which VFS
+                // pointer they are called with. `open` opens files through the wrapped
+                // VFS itself, which is how `unix-excl` tells its files from others.
                 let mut vfs = *real;
                 vfs.szOsFile = size;
-                vfs.zName = NAME.as_ptr();
+                vfs.zName = name.as_ptr();
                 vfs.pNext = ptr::null_mut();
                 vfs.xOpen = Some(open);
-                let vfs = Box::into_raw(Box::new(vfs));
-                match ffi::sqlite3_vfs_register(vfs, 0) {
+                let layer = Box::into_raw(Box::new(Layer { vfs, real }));
+                match ffi::sqlite3_vfs_register(layer.cast(), 0) {
                     ffi::SQLITE_OK => Ok(()),
                     rc => {
-                        drop(Box::from_raw(vfs));
+                        drop(Box::from_raw(layer));
                         Err(format!("SQLite refused to register a VFS (code {rc})"))
                     }
                 }
             }
         })
         .clone()
+        .map(|()| name)
 }
 
 /// A WAL file of the writer: SQLite's own file behind it, and the appends gathered.
@@ -90,7 +110,7 @@ struct WalFile {
     /// What SQLite sees: its `pMethods` points to [`METHODS`]. First, so that a pointer
     /// to the `sqlite3_file` is a pointer to this.
     base: ffi::sqlite3_file,
-    /// The default VFS's file, in the same allocation, [`REAL_OFFSET`] bytes in.
+    /// The wrapped VFS's file, in the same allocation, [`REAL_OFFSET`] bytes in.
     real: *mut ffi::sqlite3_file,
     /// Bytes gathered for offset `start` on.
     buf: Vec<u8>,
@@ -103,7 +123,7 @@ struct WalFile {
     through: bool,
 }
 
-/// Where the default VFS's file starts within the space SQLite gives a file.
+/// Where the wrapped VFS's file starts within the space SQLite gives a file.
 const REAL_OFFSET: usize = size_of::<WalFile>().next_multiple_of(16);
 
 static METHODS: ffi::sqlite3_io_methods = ffi::sqlite3_io_methods {
@@ -128,18 +148,19 @@ static METHODS: ffi::sqlite3_io_methods = ffi::sqlite3_io_methods {
     xUnfetch: None,
 };
 
-/// Opens a file: the WAL wrapped, anything else as the default VFS's own file, in place.
+/// Opens a file: the WAL wrapped, anything else as the wrapped VFS's own file, in place.
 unsafe extern "C" fn open(
-    _vfs: *mut ffi::sqlite3_vfs,
+    vfs: *mut ffi::sqlite3_vfs,
     name: *const c_char,
     file: *mut ffi::sqlite3_file,
     flags: c_int,
     out_flags: *mut c_int,
 ) -> c_int {
-    let real_vfs = REAL.load(Ordering::Acquire);
-    // SAFETY: SQLite gives `file` szOsFile bytes (REAL_OFFSET more than the default VFS
-    // needs), 8-byte aligned, and `real_vfs` was set before this VFS was registered.
+    // SAFETY: SQLite calls this with the `Layer` that `register` gave it, and gives
+    // `file` szOsFile bytes (REAL_OFFSET more than the wrapped VFS needs), 8-byte
+    // aligned.
     unsafe {
+        let real_vfs = (*vfs.cast::<Layer>()).real;
         let Some(real_open) = (*real_vfs).xOpen else {
             (*file).pMethods = ptr::null();
             return ffi::SQLITE_CANTOPEN;
@@ -180,7 +201,7 @@ unsafe fn wal<'a>(file: *mut ffi::sqlite3_file) -> &'a mut WalFile {
 }
 
 impl WalFile {
-    /// The default VFS's methods for the file behind this one.
+    /// The wrapped VFS's methods for the file behind this one.
     fn methods(&self) -> &ffi::sqlite3_io_methods {
         // SAFETY: `real` was opened successfully, so its methods are set until closed.
         unsafe { &*(*self.real).pMethods }
@@ -302,7 +323,7 @@ unsafe extern "C" fn truncate(file: *mut ffi::sqlite3_file, size: i64) -> c_int 
     }
 }
 
-/// Forwards a method to the default VFS's file; with `flush`, after writing what is
+/// Forwards a method to the wrapped VFS's file; with `flush`, after writing what is
 /// gathered (for the methods that read, sync or measure the file).
 macro_rules! forward {
     (flush $name:ident, $method:ident, ($($arg:ident: $ty:ty),*), $missing:expr) => {
@@ -348,16 +369,15 @@ mod tests {
     use rusqlite::{Connection, OpenFlags};
 
     thread_local! {
-        /// Writes this thread's WAL files passed to the default VFS.
+        /// Writes this thread's WAL files passed to the wrapped VFS.
         pub(super) static WRITES: Cell<u64> = const { Cell::new(0) };
     }
 
     fn writer(path: &Path) -> Connection {
-        super::register().unwrap();
         let conn = Connection::open_with_flags_and_vfs(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
-            super::NAME,
+            super::register(super::Sharing::Processes).unwrap(),
         )
         .unwrap();
         conn.execute_batch(
