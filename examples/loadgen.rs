@@ -13,8 +13,10 @@
 //! Options (defaults in brackets): `--threads N` [8], `--seconds S` [5],
 //! `--durability full|normal` [full], `--products P` [1000], `--hot-share X` [0.5]: the
 //! share of reservations that go to product 1, `--reservations N`: stop after N
-//! reservations instead of after S seconds, `--postgres URL`: run the library on
-//! PostgreSQL (no floor), `--no-floor`: skip the floor.
+//! reservations instead of after S seconds, `--sharing processes|this-process`
+//! [processes]: the library's [`Sharing`] of the SQLite file (the floor always uses
+//! SQLite's defaults), `--postgres URL`: run the library on PostgreSQL (no floor),
+//! `--no-floor`: skip the floor.
 
 use std::collections::BTreeMap;
 use std::error::Error;
@@ -26,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 use stockroom::{
-    Durability, MAX_STOCK, NewProduct, ProductId, SqliteConfig, SqliteStore, StockService,
+    Durability, MAX_STOCK, NewProduct, ProductId, Sharing, SqliteConfig, SqliteStore, StockService,
     StockStore,
 };
 #[cfg(feature = "postgres")]
@@ -40,6 +42,7 @@ struct Args {
     threads: usize,
     seconds: f64,
     durability: Durability,
+    sharing: Sharing,
     products: i64,
     hot_share: f64,
     reservations: Option<u64>,
@@ -52,6 +55,7 @@ fn parse_args() -> Result<Args, String> {
         threads: 8,
         seconds: 5.0,
         durability: Durability::Full,
+        sharing: Sharing::Processes,
         products: 1000,
         hot_share: 0.5,
         reservations: None,
@@ -75,6 +79,15 @@ fn parse_args() -> Result<Args, String> {
                     other => return Err(format!("--durability full|normal, not {other}")),
                 }
             }
+            "--sharing" => {
+                args.sharing = match value()?.as_str() {
+                    "processes" => Sharing::Processes,
+                    "this-process" => Sharing::ThisProcess,
+                    other => {
+                        return Err(format!("--sharing processes|this-process, not {other}"));
+                    }
+                }
+            }
             "--products" => {
                 args.products = value()?.parse().map_err(|e| format!("--products: {e}"))?
             }
@@ -91,9 +104,12 @@ fn parse_args() -> Result<Args, String> {
             "--postgres" => args.postgres = Some(value()?),
             "--no-floor" => args.floor = false,
             "--help" | "-h" => {
-                return Err("usage: loadgen [--threads N] [--seconds S] [--durability full|normal] \
-                     [--products P] [--hot-share X] [--reservations N] [--postgres URL] [--no-floor]"
-                    .into());
+                return Err(
+                    "usage: loadgen [--threads N] [--seconds S] [--durability full|normal] \
+                     [--products P] [--hot-share X] [--reservations N] \
+                     [--sharing processes|this-process] [--postgres URL] [--no-floor]"
+                        .into(),
+                );
             }
             other => return Err(format!("unknown option {other} (try --help)")),
         }
@@ -320,7 +336,9 @@ fn library_store(args: &Args, dir: &Path) -> Result<LibraryStore, Box<dyn Error>
     }
     let sqlite = Arc::new(SqliteStore::open_with(
         dir.join("library.db"),
-        SqliteConfig::default().with_durability(args.durability),
+        SqliteConfig::default()
+            .with_durability(args.durability)
+            .with_sharing(args.sharing),
     )?);
     Ok((sqlite.clone(), Some(sqlite)))
 }
@@ -411,13 +429,14 @@ fn main() -> Result<(), Box<dyn Error>> {
     };
     let dir = tempfile::tempdir()?;
     println!(
-        "loadgen: {} threads, {}, durability {:?}, {} products, hot share {}",
+        "loadgen: {} threads, {}, durability {:?}, sharing {:?}, {} products, hot share {}",
         args.threads,
         match args.reservations {
             Some(n) => format!("{n} reservations"),
             None => format!("{} s", args.seconds),
         },
         args.durability,
+        args.sharing,
         args.products,
         args.hot_share
     );
