@@ -16,7 +16,7 @@
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -50,6 +50,8 @@ struct State {
     file: Option<Arc<File>>,
     /// A sync failed: what it said. Nothing is trusted to be durable any more.
     failed: Option<String>,
+    /// Threads asleep until a sync or a checkpoint ends (see [`WalSync::wake`]).
+    sleepers: u32,
 }
 
 impl WalSync {
@@ -106,7 +108,7 @@ impl WalSync {
                 return Ok(());
             }
             if state.in_flight > state.synced || state.checkpointing > 0 {
-                state = self.synced.wait(state).unwrap_or_else(|e| e.into_inner());
+                state = self.sleep(state);
                 continue;
             }
             let upto = state.committed;
@@ -139,6 +141,23 @@ impl WalSync {
                     state.failed = Some(e.to_string());
                 }
             }
+            self.wake(&state);
+        }
+    }
+
+    /// Sleeps on `synced` until woken, counted in `sleepers` meanwhile.
+    fn sleep<'a>(&self, mut state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        state.sleepers += 1;
+        let mut state = self.synced.wait(state).unwrap_or_else(|e| e.into_inner());
+        state.sleepers -= 1;
+        state
+    }
+
+    /// Wakes the threads asleep in [`WalSync::sleep`], if any: a condition variable
+    /// makes a system call for every notification, waiters or not, and a lone caller's
+    /// syncs (one per commit) have nobody to wake.
+    fn wake(&self, state: &State) {
+        if state.sleepers > 0 {
             self.synced.notify_all();
         }
     }
@@ -154,7 +173,7 @@ impl WalSync {
         let mut waited = false;
         while state.in_flight > state.synced && state.failed.is_none() {
             waited = true;
-            state = self.synced.wait(state).unwrap_or_else(|e| e.into_inner());
+            state = self.sleep(state);
         }
         waited
     }
@@ -166,7 +185,7 @@ impl WalSync {
     pub(crate) fn checkpoint<T>(&self, checkpoint: impl FnOnce() -> T) -> T {
         let mut state = lock(&self.state);
         while state.in_flight > state.synced && state.failed.is_none() {
-            state = self.synced.wait(state).unwrap_or_else(|e| e.into_inner());
+            state = self.sleep(state);
         }
         state.checkpointing += 1;
         drop(state);
@@ -174,8 +193,9 @@ impl WalSync {
         struct Done<'a>(&'a WalSync);
         impl Drop for Done<'_> {
             fn drop(&mut self) {
-                lock(&self.0.state).checkpointing -= 1;
-                self.0.synced.notify_all();
+                let mut state = lock(&self.0.state);
+                state.checkpointing -= 1;
+                self.0.wake(&state);
             }
         }
         let _done = Done(self);
@@ -229,6 +249,48 @@ mod tests {
         assert_eq!(average.load(Ordering::Relaxed), 900);
         running_average(&average, Duration::from_nanos(900), 8);
         assert_eq!(average.load(Ordering::Relaxed), 900);
+    }
+
+    #[test]
+    fn the_end_of_a_sync_wakes_the_threads_asleep_until_it_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("x.db");
+        std::fs::write(&db, b"").unwrap();
+        std::fs::write(dir.path().join("x.db-wal"), b"").unwrap();
+        let s = Arc::new(WalSync::new(&db));
+        let ticket = s.committed();
+        // A sync of `ticket` in progress, as another caller would have started it.
+        lock(&s.state).in_flight = ticket;
+        let (done, finished) = std::sync::mpsc::channel();
+        let idle = {
+            let s = Arc::clone(&s);
+            let done = done.clone();
+            std::thread::spawn(move || done.send(("idle", s.wait_idle())).unwrap())
+        };
+        let waiter = {
+            let s = Arc::clone(&s);
+            std::thread::spawn(move || done.send(("durable", s.wait(ticket).is_ok())).unwrap())
+        };
+        while lock(&s.state).sleepers < 2 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // The sync ends, as `wait` ends one.
+        {
+            let mut state = lock(&s.state);
+            state.synced = ticket;
+            s.wake(&state);
+        }
+        let mut got: Vec<_> = (0..2)
+            .map(|_| finished.recv_timeout(Duration::from_secs(10)).unwrap())
+            .collect();
+        got.sort();
+        assert_eq!(got, [("durable", true), ("idle", true)]);
+        idle.join().unwrap();
+        waiter.join().unwrap();
+        // Nobody asleep any more, and no sync was run by the waiter: the one in progress
+        // covered its commit.
+        assert_eq!(s.syncs(), 0);
+        assert_eq!(lock(&s.state).sleepers, 0);
     }
 
     #[test]
