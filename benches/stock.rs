@@ -1,5 +1,5 @@
 //! Criterion benchmarks: the library's operations on MemoryStore and on SQLite (FULL and
-//! NORMAL), and the floor — the same reservation done by hand with bare rusqlite, one
+//! NORMAL, the file shared between processes or kept to this one), and the floor — the same reservation done by hand with bare rusqlite, one
 //! transaction each — measured in the same run.
 //!
 //! `cargo bench --bench stock`; `cargo bench --bench stock -- reserve` for a subset.
@@ -15,7 +15,8 @@ use rusqlite::Connection;
 mod floor;
 use stockroom::{
     CheckoutRequest, Durability, MAX_STOCK, MemoryStore, NewProduct, OrderConfig, OrderLine,
-    OrderService, ProductId, SqliteConfig, SqliteStore, StockLine, StockService, StockStore,
+    OrderService, ProductId, Sharing, SqliteConfig, SqliteStore, StockLine, StockService,
+    StockStore,
 };
 
 const PRODUCTS: i64 = 1_000;
@@ -25,7 +26,7 @@ struct Backend {
     make: fn(&std::path::Path) -> Arc<dyn StockStore>,
 }
 
-fn sqlite(dir: &std::path::Path, durability: Durability) -> Arc<dyn StockStore> {
+fn sqlite(dir: &std::path::Path, durability: Durability, sharing: Sharing) -> Arc<dyn StockStore> {
     let n = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -33,24 +34,35 @@ fn sqlite(dir: &std::path::Path, durability: Durability) -> Arc<dyn StockStore> 
     Arc::new(
         SqliteStore::open_with(
             dir.join(format!("bench-{n}.db")),
-            SqliteConfig::default().with_durability(durability),
+            SqliteConfig::default()
+                .with_durability(durability)
+                .with_sharing(sharing),
         )
         .unwrap(),
     )
 }
 
-const BACKENDS: [Backend; 3] = [
+const BACKENDS: [Backend; 5] = [
     Backend {
         name: "memory",
         make: |_| Arc::new(MemoryStore::new()),
     },
     Backend {
         name: "sqlite_normal",
-        make: |d| sqlite(d, Durability::Normal),
+        make: |d| sqlite(d, Durability::Normal, Sharing::Processes),
     },
     Backend {
         name: "sqlite_full",
-        make: |d| sqlite(d, Durability::Full),
+        make: |d| sqlite(d, Durability::Full, Sharing::Processes),
+    },
+    // The file kept to the process: no file locks per transaction.
+    Backend {
+        name: "sqlite_normal_this_process",
+        make: |d| sqlite(d, Durability::Normal, Sharing::ThisProcess),
+    },
+    Backend {
+        name: "sqlite_full_this_process",
+        make: |d| sqlite(d, Durability::Full, Sharing::ThisProcess),
     },
 ];
 
