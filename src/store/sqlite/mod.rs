@@ -103,8 +103,9 @@ pub enum Sharing {
     /// process's memory: transactions take no file locks at all. This is SQLite's own
     /// `unix-excl` VFS (on Unix), under the store's `stockroom-wal` layer.
     ///
-    /// A single writer reserves about 40% more per second under [`Durability::Normal`]
-    /// and about 14% more under [`Durability::Full`] (see BENCHMARKS.md). Another
+    /// A lone caller reserves about 30% more per second under [`Durability::Normal`]
+    /// and 7–11% more under [`Durability::Full`], and reads take half the time (see
+    /// BENCHMARKS.md). On a platform without `unix-excl` the store does not open. Another
     /// process that opens the file, with stockroom or any SQLite program, waits for its
     /// busy timeout and fails; a store reports [`Error::Storage`] saying that another
     /// process holds the file. Crash safety is the same: the index is rebuilt from the
