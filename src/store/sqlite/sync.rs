@@ -239,6 +239,14 @@ fn sync_failed(why: &str) -> Error {
 mod tests {
     use super::*;
 
+    /// A `WalSync` for an empty database and WAL in `dir`.
+    fn wal_sync(dir: &std::path::Path) -> WalSync {
+        let db = dir.join("x.db");
+        std::fs::write(&db, b"").unwrap();
+        std::fs::write(dir.join("x.db-wal"), b"").unwrap();
+        WalSync::new(&db)
+    }
+
     #[test]
     fn the_running_average_starts_at_the_first_sample_and_weighs_the_rest() {
         let average = AtomicU64::new(0);
@@ -254,10 +262,7 @@ mod tests {
     #[test]
     fn the_end_of_a_sync_wakes_the_threads_asleep_until_it_ends() {
         let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("x.db");
-        std::fs::write(&db, b"").unwrap();
-        std::fs::write(dir.path().join("x.db-wal"), b"").unwrap();
-        let s = Arc::new(WalSync::new(&db));
+        let s = Arc::new(wal_sync(dir.path()));
         let ticket = s.committed();
         // A sync of `ticket` in progress, as another caller would have started it.
         lock(&s.state).in_flight = ticket;
@@ -296,10 +301,7 @@ mod tests {
     #[test]
     fn a_checkpoint_that_ends_inside_another_still_holds_syncs_back() {
         let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("x.db");
-        std::fs::write(&db, b"").unwrap();
-        std::fs::write(dir.path().join("x.db-wal"), b"").unwrap();
-        let s = WalSync::new(&db);
+        let s = wal_sync(dir.path());
         let ticket = s.committed();
         s.checkpoint(|| {
             s.checkpoint(|| assert_eq!(lock(&s.state).checkpointing, 2));
