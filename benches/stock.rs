@@ -1,6 +1,7 @@
 //! Criterion benchmarks: the library's operations on MemoryStore and on SQLite (FULL and
-//! NORMAL, the file shared between processes or kept to this one), and the floor — the same reservation done by hand with bare rusqlite, one
-//! transaction each — measured in the same run.
+//! NORMAL, the file shared between processes or kept to this one), and the floor — the
+//! same reservation done by hand with bare rusqlite, one transaction each — measured in
+//! the same run.
 //!
 //! `cargo bench --bench stock`; `cargo bench --bench stock -- reserve` for a subset.
 

@@ -73,10 +73,7 @@ impl Checkpointer {
         busy: Duration,
         sync: Option<Arc<WalSync>>,
     ) -> rusqlite::Result<Self> {
-        let conn = match vfs {
-            Some(vfs) => Connection::open_with_flags_and_vfs(path, flags, vfs)?,
-            None => Connection::open_with_flags(path, flags)?,
-        };
+        let conn = super::open_file(path, flags, vfs)?;
         conn.busy_timeout(busy)?;
         let dirty = Arc::new(AtomicBool::new(false));
         let restart = Arc::new(AtomicU8::new(IDLE));

@@ -321,7 +321,7 @@ impl SqliteStore {
                      needs it to itself",
                     path.display()
                 ),
-                _ => format!(
+                Sharing::Processes => format!(
                     "{} stayed locked by another process past the busy timeout (a store \
                      with Sharing::ThisProcess keeps its file locked while it is open)",
                     path.display()
@@ -404,14 +404,11 @@ impl SqliteStore {
         // of two per page (see `vfs.rs`); readers and the checkpointer only read the WAL.
         let base_vfs = config.sharing.vfs();
         let mut writer = match &location {
-            Location::File(p) => match (vfs::register(config.sharing), base_vfs) {
-                (Ok(layer), _) => Connection::open_with_flags_and_vfs(p, flags, layer),
-                (Err(why), base) => {
+            Location::File(p) => match vfs::register(config.sharing) {
+                Ok(layer) => Connection::open_with_flags_and_vfs(p, flags, layer),
+                Err(why) => {
                     log::warn!("sqlite: writing the WAL frame by frame: {why}");
-                    match base {
-                        Some(base) => Connection::open_with_flags_and_vfs(p, flags, base),
-                        None => Connection::open_with_flags(p, flags),
-                    }
+                    open_file(p, flags, base_vfs)
                 }
             },
             Location::Memory(uri) => Connection::open_with_flags(uri, flags),
@@ -536,6 +533,18 @@ pub(crate) fn is_busy(e: &Error) -> bool {
         Some(rusqlite::Error::SqliteFailure(f, _))
             if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
     )
+}
+
+/// Opens the file at `path` through the SQLite VFS named `vfs`, or the default one.
+pub(crate) fn open_file(
+    path: &Path,
+    flags: OpenFlags,
+    vfs: Option<&CStr>,
+) -> rusqlite::Result<Connection> {
+    match vfs {
+        Some(vfs) => Connection::open_with_flags_and_vfs(path, flags, vfs),
+        None => Connection::open_with_flags(path, flags),
+    }
 }
 
 /// The URI that opens the file at `path` through the SQLite VFS named `vfs`, for

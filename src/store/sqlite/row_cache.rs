@@ -54,12 +54,11 @@ use crate::model::{NewMovement, StockLevels};
 
 /// The most rows kept. Past it every copy but the pending ones is forgotten and the
 /// count starts again: a store with more rows than this in play gains little from copies
-/// anyway. The table is
-/// allocated once, at its full size (about 650 KiB), and never again: copies made and
-/// dropped on the threads that take turns leading the writer would otherwise scatter
-/// small allocations over every thread's malloc arena (a first version, with one
-/// allocation a row, raised the peak memory of 1,000,000 reservations over 100,000
-/// products from 40 to 48 MiB).
+/// anyway. The table is allocated once, at its full size (about 650 KiB), and never
+/// again: copies made and dropped on the threads that take turns leading the writer
+/// would otherwise scatter small allocations over every thread's malloc arena (a first
+/// version, with one allocation a row, raised the peak memory of 1,000,000 reservations
+/// over 100,000 products from 40 to 48 MiB).
 const MAX_ROWS: usize = 8_192;
 
 /// The longest size kept, in bytes; rows with longer sizes are read every time.
