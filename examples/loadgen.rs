@@ -8,6 +8,7 @@
 //!     --products 1000 --hot-share 0.5
 //! cargo run --release --example loadgen -- --postgres postgres://user@localhost/db
 //! cargo run --release --example loadgen -- --reservations 1000000 --products 100000
+//! cargo run --release --example loadgen -- --threads 1 --seconds 0.5 --rounds 24
 //! ```
 //!
 //! Options (defaults in brackets): `--threads N` [8], `--seconds S` [5],
@@ -16,11 +17,14 @@
 //! reservations instead of after S seconds, `--sharing processes|this-process`
 //! [processes]: the library's [`Sharing`] of the SQLite file (the floor always uses
 //! SQLite's defaults), `--postgres URL`: run the library on PostgreSQL (no floor),
-//! `--no-floor`: skip the floor.
+//! `--no-floor`: skip the floor, `--rounds R` [1]: measure the floor and the library R
+//! times each, S seconds a run, alternating which goes first, and report the median
+//! ratio (a shared machine drifts by ±20% within minutes: one pair of runs can say
+//! little about a ratio near 1).
 
 use std::collections::BTreeMap;
 use std::error::Error;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
@@ -48,6 +52,7 @@ struct Args {
     reservations: Option<u64>,
     postgres: Option<String>,
     floor: bool,
+    rounds: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -61,6 +66,7 @@ fn parse_args() -> Result<Args, String> {
         reservations: None,
         postgres: None,
         floor: true,
+        rounds: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -101,21 +107,32 @@ fn parse_args() -> Result<Args, String> {
                         .map_err(|e| format!("--reservations: {e}"))?,
                 )
             }
+            "--rounds" => args.rounds = value()?.parse().map_err(|e| format!("--rounds: {e}"))?,
             "--postgres" => args.postgres = Some(value()?),
             "--no-floor" => args.floor = false,
             "--help" | "-h" => {
                 return Err(
                     "usage: loadgen [--threads N] [--seconds S] [--durability full|normal] \
                      [--products P] [--hot-share X] [--reservations N] \
-                     [--sharing processes|this-process] [--postgres URL] [--no-floor]"
+                     [--sharing processes|this-process] [--postgres URL] [--no-floor] \
+                     [--rounds R]"
                         .into(),
                 );
             }
             other => return Err(format!("unknown option {other} (try --help)")),
         }
     }
-    if args.threads == 0 || args.products < 1 || !(0.0..=1.0).contains(&args.hot_share) {
-        return Err("--threads and --products must be at least 1, --hot-share in 0..=1".into());
+    if args.threads == 0
+        || args.products < 1
+        || args.rounds == 0
+        || !(0.0..=1.0).contains(&args.hot_share)
+    {
+        return Err(
+            "--threads, --products and --rounds must be at least 1, --hot-share in 0..=1".into(),
+        );
+    }
+    if args.rounds > 1 && args.reservations.is_some() {
+        return Err("--rounds needs timed runs: drop --reservations".into());
     }
     Ok(args)
 }
@@ -151,6 +168,12 @@ struct Histogram {
     max_us: u64,
 }
 
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram::new()
+    }
+}
+
 impl Histogram {
     fn new() -> Self {
         Histogram {
@@ -176,7 +199,8 @@ impl Histogram {
     }
 }
 
-/// What one run measured.
+/// What one run measured (or several, merged).
+#[derive(Default)]
 struct Run {
     ops: u64,
     elapsed: Duration,
@@ -185,6 +209,15 @@ struct Run {
 }
 
 impl Run {
+    fn merge(&mut self, other: &Run) {
+        self.ops += other.ops;
+        self.elapsed += other.elapsed;
+        self.latencies.merge(&other.latencies);
+        for (code, n) in &other.errors {
+            *self.errors.entry(code.clone()).or_default() += n;
+        }
+    }
+
     fn rate(&self) -> f64 {
         self.ops as f64 / self.elapsed.as_secs_f64()
     }
@@ -282,113 +315,158 @@ fn stock_units(args: &Args) -> u64 {
         .max(args.reservations.unwrap_or(0) + 1)
 }
 
-/// The floor: the same reservation by hand, bare rusqlite, one transaction each.
-fn floor(args: &Args, threads: usize, dir: &Path) -> Result<Run, Box<dyn Error>> {
-    let path = dir.join(format!("floor-{threads}.db"));
-    let sync = match args.durability {
-        Durability::Normal => "NORMAL",
-        _ => "FULL",
-    };
-    floor::create(
-        &Connection::open(&path)?,
-        sync,
-        args.products,
-        stock_units(args) as i64,
-    )?;
-    let open = |_: usize| {
-        let conn = Connection::open(&path).expect("open floor file");
-        conn.busy_timeout(Duration::from_secs(30))
-            .expect("busy timeout");
-        conn.execute_batch(&format!("PRAGMA synchronous = {sync}"))
-            .expect("pragma");
-        conn
-    };
-    Ok(drive(
-        args,
-        threads,
-        open,
-        |conn, product| match floor::reserve(conn, product) {
-            Ok(1) => Ok(()),
-            Ok(_) => Err("SHORT".into()),
-            Err(e) => {
-                let _ = conn.execute_batch("ROLLBACK");
-                Err(format!("sqlite: {e}"))
-            }
-        },
-    ))
+/// The floor: the same reservation by hand, bare rusqlite, one transaction each, on a file
+/// of its own for each number of threads.
+struct Floor {
+    path: PathBuf,
+    threads: usize,
+    sync: &'static str,
+    /// Open from creation to the end, so that the file's WAL outlives each run's
+    /// connections, as the library's does between rounds: the last connection to close
+    /// would checkpoint it and delete it, and the next run would pay for growing a new
+    /// one (a sync that also writes the file's new size is slower).
+    _keeper: Connection,
 }
 
-/// The library's store, and the SQLite store again when it is one (for its writer stats).
-type LibraryStore = (Arc<dyn StockStore>, Option<Arc<SqliteStore>>);
+impl Floor {
+    fn create(args: &Args, threads: usize, dir: &Path) -> Result<Floor, Box<dyn Error>> {
+        let path = dir.join(format!("floor-{threads}.db"));
+        let sync = match args.durability {
+            Durability::Normal => "NORMAL",
+            _ => "FULL",
+        };
+        let keeper = Connection::open(&path)?;
+        floor::create(&keeper, sync, args.products, stock_units(args) as i64)?;
+        Ok(Floor {
+            path,
+            threads,
+            sync,
+            _keeper: keeper,
+        })
+    }
 
-fn library_store(args: &Args, dir: &Path) -> Result<LibraryStore, Box<dyn Error>> {
-    if let Some(url) = &args.postgres {
-        #[cfg(feature = "postgres")]
-        {
-            let schema = format!("loadgen_{}", std::process::id());
-            let config = PostgresConfig::new(url)
-                .with_schema(schema)
-                .with_pool_size(args.threads as u32 + 1);
-            return Ok((Arc::new(PostgresStore::connect(config)?), None));
+    fn name(&self) -> String {
+        match self.threads {
+            1 => "floor, 1 thread".to_owned(),
+            n => format!("floor, {n} threads"),
         }
-        #[cfg(not(feature = "postgres"))]
-        return Err(format!("--postgres {url}: build with --features postgres").into());
     }
-    let sqlite = Arc::new(SqliteStore::open_with(
-        dir.join("library.db"),
-        SqliteConfig::default()
-            .with_durability(args.durability)
-            .with_sharing(args.sharing),
-    )?);
-    Ok((sqlite.clone(), Some(sqlite)))
-}
 
-fn library(args: &Args, dir: &Path) -> Result<Run, Box<dyn Error>> {
-    let (store, sqlite) = library_store(args, dir)?;
-    let stock = StockService::new(store);
-    let units = stock_units(args);
-    let mut batch = Vec::new();
-    for p in 1..=args.products {
-        batch.push(NewProduct::plain(ProductId(p), format!("P{p}"), units));
-    }
-    // Products are created from a few threads to keep the setup short.
-    thread::scope(|s| {
-        for chunk in batch.chunks(batch.len().div_ceil(4).max(1)) {
-            let stock = stock.clone();
-            s.spawn(move || {
-                for p in chunk {
-                    stock.create_product(p.clone()).expect("create product");
+    fn run(&self, args: &Args) -> Run {
+        let open = |_: usize| {
+            let conn = Connection::open(&self.path).expect("open floor file");
+            conn.busy_timeout(Duration::from_secs(30))
+                .expect("busy timeout");
+            conn.execute_batch(&format!("PRAGMA synchronous = {}", self.sync))
+                .expect("pragma");
+            conn
+        };
+        drive(
+            args,
+            self.threads,
+            open,
+            |conn, product| match floor::reserve(conn, product) {
+                Ok(1) => Ok(()),
+                Ok(_) => Err("SHORT".into()),
+                Err(e) => {
+                    let _ = conn.execute_batch("ROLLBACK");
+                    Err(format!("sqlite: {e}"))
                 }
-            });
-        }
-    });
-    let before = sqlite.as_ref().map(|s| s.writer_stats());
-    let run = drive(
-        args,
-        args.threads,
-        |_| stock.clone(),
-        |stock, product| {
-            stock
-                .reserve_stock(ProductId(product), 1, None)
-                .map(drop)
-                .map_err(|e| e.code().to_owned())
-        },
-    );
-    if let (Some(sqlite), Some(before)) = (sqlite, before) {
-        let after = sqlite.writer_stats();
-        let (units, txs) = (
-            after.units - before.units,
-            after.transactions - before.transactions,
-        );
-        println!(
-            "group commit: {units} units in {txs} transactions ({:.1} per commit, largest {}), \
-             {} WAL syncs",
-            units as f64 / txs.max(1) as f64,
-            after.largest_group,
-            after.syncs - before.syncs
-        );
+            },
+        )
     }
-    Ok(run)
+}
+
+/// The library: a store with its products, and the SQLite store again when it is one
+/// (for its writer stats).
+struct Library {
+    stock: StockService,
+    sqlite: Option<Arc<SqliteStore>>,
+    name: String,
+}
+
+impl Library {
+    fn open(args: &Args, dir: &Path) -> Result<Library, Box<dyn Error>> {
+        let (store, sqlite): (Arc<dyn StockStore>, _) = match &args.postgres {
+            Some(url) => (postgres_store(args, url)?, None),
+            None => {
+                let sqlite = Arc::new(SqliteStore::open_with(
+                    dir.join("library.db"),
+                    SqliteConfig::default()
+                        .with_durability(args.durability)
+                        .with_sharing(args.sharing),
+                )?);
+                (sqlite.clone(), Some(sqlite))
+            }
+        };
+        let name = format!("stockroom ({})", store.backend());
+        let stock = StockService::new(store);
+        let units = stock_units(args);
+        let mut batch = Vec::new();
+        for p in 1..=args.products {
+            batch.push(NewProduct::plain(ProductId(p), format!("P{p}"), units));
+        }
+        // Products are created from a few threads to keep the setup short.
+        thread::scope(|s| {
+            for chunk in batch.chunks(batch.len().div_ceil(4).max(1)) {
+                let stock = stock.clone();
+                s.spawn(move || {
+                    for p in chunk {
+                        stock.create_product(p.clone()).expect("create product");
+                    }
+                });
+            }
+        });
+        Ok(Library {
+            stock,
+            sqlite,
+            name,
+        })
+    }
+
+    fn run(&self, args: &Args) -> Run {
+        let before = self.sqlite.as_ref().map(|s| s.writer_stats());
+        let run = drive(
+            args,
+            args.threads,
+            |_| self.stock.clone(),
+            |stock, product| {
+                stock
+                    .reserve_stock(ProductId(product), 1, None)
+                    .map(drop)
+                    .map_err(|e| e.code().to_owned())
+            },
+        );
+        if let (Some(sqlite), Some(before)) = (&self.sqlite, before) {
+            let after = sqlite.writer_stats();
+            let (units, txs) = (
+                after.units - before.units,
+                after.transactions - before.transactions,
+            );
+            println!(
+                "group commit: {units} units in {txs} transactions ({:.1} per commit, \
+                 largest {}), {} WAL syncs",
+                units as f64 / txs.max(1) as f64,
+                after.largest_group,
+                after.syncs - before.syncs
+            );
+        }
+        run
+    }
+}
+
+#[cfg(feature = "postgres")]
+fn postgres_store(args: &Args, url: &str) -> Result<Arc<dyn StockStore>, Box<dyn Error>> {
+    let schema = format!("loadgen_{}", std::process::id());
+    let config = PostgresConfig::new(url)
+        .with_schema(schema)
+        .with_pool_size(args.threads as u32 + 1);
+    Ok(Arc::new(PostgresStore::connect(config)?))
+}
+
+#[cfg(not(feature = "postgres"))]
+fn postgres_store(_: &Args, url: &str) -> Result<Arc<dyn StockStore>, Box<dyn Error>> {
+    Err(format!("--postgres {url}: build with --features postgres").into())
 }
 
 /// Peak resident memory of this process so far, in MiB (Linux).
@@ -419,6 +497,23 @@ fn report(name: &str, run: &Run) {
     }
 }
 
+/// The median of `values` (the mean of the middle two for an even count).
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    if sorted.len() % 2 == 1 {
+        sorted[mid]
+    } else {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    }
+}
+
+fn list(values: &[f64]) -> String {
+    let shown: Vec<String> = values.iter().map(|v| format!("{v:.2}")).collect();
+    shown.join(" ")
+}
+
 fn main() -> Result<(), Box<dyn Error>> {
     let args = match parse_args() {
         Ok(a) => a,
@@ -429,7 +524,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     };
     let dir = tempfile::tempdir()?;
     println!(
-        "loadgen: {} threads, {}, durability {:?}, sharing {:?}, {} products, hot share {}",
+        "loadgen: {} threads, {}, durability {:?}, sharing {:?}, {} products, hot share {}{}",
         args.threads,
         match args.reservations {
             Some(n) => format!("{n} reservations"),
@@ -438,38 +533,84 @@ fn main() -> Result<(), Box<dyn Error>> {
         args.durability,
         args.sharing,
         args.products,
-        args.hot_share
-    );
-    let floors = if args.floor && args.postgres.is_none() {
-        let one = floor(&args, 1, dir.path())?;
-        report("floor, 1 thread", &one);
-        let many = if args.threads > 1 {
-            let many = floor(&args, args.threads, dir.path())?;
-            report(&format!("floor, {} threads", args.threads), &many);
-            Some(many)
-        } else {
-            None
-        };
-        Some((one, many))
-    } else {
-        None
-    };
-    let run = library(&args, dir.path())?;
-    let backend = if args.postgres.is_some() {
-        "postgres"
-    } else {
-        "sqlite"
-    };
-    report(&format!("stockroom ({backend})"), &run);
-    if let Some((one, many)) = floors {
-        println!("ratio: {:.2} x the 1-thread floor", run.rate() / one.rate());
-        if let Some(many) = many {
-            println!(
-                "ratio: {:.2} x the {}-thread floor",
-                run.rate() / many.rate(),
-                args.threads
-            );
+        args.hot_share,
+        match args.rounds {
+            1 => String::new(),
+            n => format!(", {n} rounds"),
         }
+    );
+    let mut floors = Vec::new();
+    if args.floor && args.postgres.is_none() {
+        floors.push(Floor::create(&args, 1, dir.path())?);
+        if args.threads > 1 {
+            floors.push(Floor::create(&args, args.threads, dir.path())?);
+        }
+    }
+    // Opened where it is first measured: after the floors in the first round, so that the
+    // setup of its products does not run beside them.
+    let mut library: Option<Library> = None;
+    let mut floor_rates = vec![Vec::new(); floors.len()];
+    let mut ratios = vec![Vec::new(); floors.len()];
+    let mut library_rates = Vec::new();
+    let mut all = Run::default();
+    for round in 0..args.rounds {
+        if args.rounds > 1 {
+            println!("round {} of {}", round + 1, args.rounds);
+        }
+        // Every other round measures the library first, so that a machine that speeds up
+        // or slows down over the run favours neither side.
+        let library_first = round % 2 == 1;
+        let mut measure_library = |library: &mut Option<Library>| -> Result<f64, Box<dyn Error>> {
+            let library = match library {
+                Some(l) => l,
+                None => library.insert(Library::open(&args, dir.path())?),
+            };
+            let run = library.run(&args);
+            report(&library.name, &run);
+            all.merge(&run);
+            Ok(run.rate())
+        };
+        let mut rate = None;
+        if library_first {
+            rate = Some(measure_library(&mut library)?);
+        }
+        let floor_runs: Vec<f64> = floors
+            .iter()
+            .map(|f| {
+                let run = f.run(&args);
+                report(&f.name(), &run);
+                run.rate()
+            })
+            .collect();
+        let rate = match rate {
+            Some(r) => r,
+            None => measure_library(&mut library)?,
+        };
+        library_rates.push(rate);
+        for (i, floor_rate) in floor_runs.into_iter().enumerate() {
+            floor_rates[i].push(floor_rate);
+            ratios[i].push(rate / floor_rate);
+        }
+    }
+    let name = library.as_ref().map_or("stockroom", |l| l.name.as_str());
+    if args.rounds > 1 {
+        println!("median of {} rounds:", args.rounds);
+        for (f, rates) in floors.iter().zip(&floor_rates) {
+            println!("{:<22} {:>10.0} reservations/s", f.name(), median(rates));
+        }
+        println!("{name:<22} {:>10.0} reservations/s", median(&library_rates));
+        report("stockroom, all rounds", &all);
+    }
+    for (f, by_round) in floors.iter().zip(&ratios) {
+        let of_rounds = match args.rounds {
+            1 => String::new(),
+            n => format!(" (median of {n} rounds: {})", list(by_round)),
+        };
+        println!(
+            "ratio: {:.2} x the {}-thread floor{of_rounds}",
+            median(by_round),
+            f.threads
+        );
     }
     if let Some(mib) = peak_rss_mib() {
         println!("peak memory (VmHWM): {mib:.1} MiB");
