@@ -509,6 +509,7 @@ fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// The values with two decimals each, in order, for a line of output.
 fn list(values: &[f64]) -> String {
     let shown: Vec<String> = values.iter().map(|v| format!("{v:.2}")).collect();
     shown.join(" ")
