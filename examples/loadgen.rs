@@ -550,48 +550,38 @@ fn main() -> Result<(), Box<dyn Error>> {
     // Opened where it is first measured: after the floors in the first round, so that the
     // setup of its products does not run beside them.
     let mut library: Option<Library> = None;
-    let mut floor_rates = vec![Vec::new(); floors.len()];
-    let mut ratios = vec![Vec::new(); floors.len()];
-    let mut library_rates = Vec::new();
     let mut all = Run::default();
+    let mut measure_library = |library: &mut Option<Library>| -> Result<f64, Box<dyn Error>> {
+        let library = match library {
+            Some(l) => l,
+            None => library.insert(Library::open(&args, dir.path())?),
+        };
+        let run = library.run(&args);
+        report(&library.name, &run);
+        all.merge(&run);
+        Ok(run.rate())
+    };
+    let mut floor_rates = vec![Vec::new(); floors.len()];
+    let mut library_rates = Vec::new();
     for round in 0..args.rounds {
         if args.rounds > 1 {
             println!("round {} of {}", round + 1, args.rounds);
         }
         // Every other round measures the library first, so that a machine that speeds up
         // or slows down over the run favours neither side.
-        let library_first = round % 2 == 1;
-        let mut measure_library = |library: &mut Option<Library>| -> Result<f64, Box<dyn Error>> {
-            let library = match library {
-                Some(l) => l,
-                None => library.insert(Library::open(&args, dir.path())?),
-            };
-            let run = library.run(&args);
-            report(&library.name, &run);
-            all.merge(&run);
-            Ok(run.rate())
+        let first = match round % 2 {
+            1 => Some(measure_library(&mut library)?),
+            _ => None,
         };
-        let mut rate = None;
-        if library_first {
-            rate = Some(measure_library(&mut library)?);
+        for (f, rates) in floors.iter().zip(&mut floor_rates) {
+            let run = f.run(&args);
+            report(&f.name(), &run);
+            rates.push(run.rate());
         }
-        let floor_runs: Vec<f64> = floors
-            .iter()
-            .map(|f| {
-                let run = f.run(&args);
-                report(&f.name(), &run);
-                run.rate()
-            })
-            .collect();
-        let rate = match rate {
-            Some(r) => r,
+        library_rates.push(match first {
+            Some(rate) => rate,
             None => measure_library(&mut library)?,
-        };
-        library_rates.push(rate);
-        for (i, floor_rate) in floor_runs.into_iter().enumerate() {
-            floor_rates[i].push(floor_rate);
-            ratios[i].push(rate / floor_rate);
-        }
+        });
     }
     let name = library.as_ref().map_or("stockroom", |l| l.name.as_str());
     if args.rounds > 1 {
@@ -602,14 +592,19 @@ fn main() -> Result<(), Box<dyn Error>> {
         println!("{name:<22} {:>10.0} reservations/s", median(&library_rates));
         report("stockroom, all rounds", &all);
     }
-    for (f, by_round) in floors.iter().zip(&ratios) {
+    for (f, rates) in floors.iter().zip(&floor_rates) {
+        let by_round: Vec<f64> = library_rates
+            .iter()
+            .zip(rates)
+            .map(|(l, f)| l / f)
+            .collect();
         let of_rounds = match args.rounds {
             1 => String::new(),
-            n => format!(" (median of {n} rounds: {})", list(by_round)),
+            n => format!(" (median of {n} rounds: {})", list(&by_round)),
         };
         println!(
             "ratio: {:.2} x the {}-thread floor{of_rounds}",
-            median(by_round),
+            median(&by_round),
             f.threads
         );
     }
